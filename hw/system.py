@@ -1,0 +1,86 @@
+"""A machine as a graph: GPUs, the host CPU and the links between them, with routes.
+
+``SystemSpec`` is the ``hw`` node of the Hydra config (``conf/hw/*.yaml``). ``System`` turns it
+into a directed networkx graph whose nodes are ``"host"`` and ``"gpu0" .. "gpuN-1"`` and whose
+edges are one direction of a link (each edge carries its ``LinkSpec`` and a unique ``link_id``).
+``route(src, dst)`` gives the link ids a transfer crosses; the simulator times copies on them.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from functools import lru_cache
+from typing import Optional
+
+import networkx as nx
+
+from workloads.validation import positive, require
+
+from .devices import CpuSpec, GpuSpec, LinkSpec
+
+HOST = "host"
+
+
+def gpu_node(index: int) -> str:
+    return f"gpu{index}"
+
+
+@dataclass(frozen=True)
+class SystemSpec:
+    """One node: ``num_gpus`` identical GPUs, each on its own host link, optionally a GPU fabric."""
+
+    name: str
+    gpu: GpuSpec
+    cpu: CpuSpec
+    host_link: LinkSpec
+    num_gpus: int = 1
+    gpu_link: Optional[LinkSpec] = None   # all-to-all fabric (NVLink switch) between GPUs
+
+    def validate(self, key: str = "hw") -> None:
+        positive(self, key, "num_gpus")
+        if self.num_gpus > 1:
+            require(self.gpu_link is not None, f"{key}.gpu_link", None,
+                    "a system with num_gpus > 1 needs a gpu_link (e.g. hw/link@hw.gpu_link=nvlink4)")
+
+
+class System:
+    """The machine's topology graph with one edge per link direction."""
+
+    def __init__(self, spec: SystemSpec):
+        self.spec = spec
+        g = nx.DiGraph()
+        g.add_node(HOST, kind="cpu", spec=spec.cpu)
+        for i in range(spec.num_gpus):
+            node = gpu_node(i)
+            g.add_node(node, kind="gpu", spec=spec.gpu)
+            g.add_edge(HOST, node, link=spec.host_link, link_id=f"{spec.host_link.name}:{HOST}->{node}")
+            g.add_edge(node, HOST, link=spec.host_link, link_id=f"{spec.host_link.name}:{node}->{HOST}")
+        if spec.gpu_link is not None:
+            for i in range(spec.num_gpus):
+                for j in range(spec.num_gpus):
+                    if i != j:
+                        a, b = gpu_node(i), gpu_node(j)
+                        g.add_edge(a, b, link=spec.gpu_link, link_id=f"{spec.gpu_link.name}:{a}->{b}")
+        self.graph = g
+
+    @property
+    def gpus(self) -> list[str]:
+        return [gpu_node(i) for i in range(self.spec.num_gpus)]
+
+    @lru_cache(maxsize=None)
+    def route(self, src: str, dst: str) -> tuple[str, ...]:
+        """Link ids of the fewest-hop path from ``src`` to ``dst``."""
+        nodes = nx.shortest_path(self.graph, src, dst)
+        return tuple(self.graph.edges[a, b]["link_id"] for a, b in zip(nodes, nodes[1:]))
+
+    def links(self) -> dict[str, LinkSpec]:
+        """Every link direction by id."""
+        return {d["link_id"]: d["link"] for _, _, d in self.graph.edges(data=True)}
+
+    def transfer_s(self, src: str, dst: str, nbytes: float) -> float:
+        """Uncontended time to move ``nbytes`` along the route: summed latencies + bytes / bottleneck."""
+        links = self.links()
+        route = [links[i] for i in self.route(src, dst)]
+        if not route:
+            return 0.0
+        return sum(l.latency_s for l in route) + nbytes / min(l.bandwidth_bps for l in route)

@@ -1,0 +1,454 @@
+"""The SimPy engine: serving on one GPU with experts offloaded to host memory.
+
+What runs, in simulated time:
+
+* **The GPU compute stream** (the ``serve`` process) runs one forward pass at a time. Continuous
+  batching: when requests wait and fewer than ``workload.batch_size`` run, the next pass is a
+  prefill of waiting requests (prefill first, as vLLM schedules, at most ``max_prefill_tokens``
+  tokens; at least one request); otherwise it is a decode pass of every running request.
+* **A layer** is attention, then (MoE layers) the router, then every expert the pass selected.
+  After the router, the prefetch policy is told the routing and may plan prefetches; experts that
+  are not resident are copied from host memory on demand. Resident experts (and shared experts)
+  compute first, then each missing expert as soon as its copy has landed, in the order the copies
+  were issued. Time the stream waits for a copy is *copy stall*.
+* **The copy engine** (``CopyEngine``) is the host->GPU direction of the host link, its own
+  resource: copies run one at a time, highest priority first (demand loads before prefetches,
+  non-preemptive), each taking ``latency + bytes / bandwidth``, overlapping compute.
+* **Memory**: the expert cache has the slots the HBM budget allows (``sim.memory``); when a copy
+  needs a slot and none is free, the policy names a victim. An expert that must run but gets no
+  slot (every slot holds an expert the layer needs) is copied into a staging buffer and not cached.
+
+Events are spent only where something can wait: one timeout per MoE layer (up to its router),
+plus a wait and a timeout per missing expert; everything else is summed analytically.
+"""
+
+from __future__ import annotations
+
+import heapq
+import sys
+import time
+from dataclasses import dataclass, field
+from typing import Any, Callable, Optional
+
+import numpy as np
+import pandas as pd
+import simpy
+
+from hw.cost import BatchShape, CostModel, Roofline
+from hw.devices import LinkSpec
+from hw.system import HOST, System, gpu_node
+from workloads.model import ModelSpec
+from workloads.requests import Request
+
+from .memory import ExpertCache, MemoryBudget, default_activation_bytes, plan_memory
+from .metrics import summarize
+from .policies.base import PolicyContext, Prefetch, PrefetchPolicy, RunOnHost, prefetch_policy_class
+from .scenario import Scenario
+
+DEMAND_PRIORITY = 0
+PREFETCH_PRIORITY_BASE = 1
+
+
+class CopyEngine:
+    """One direction of a link: copies run one at a time, lowest priority value first, FIFO within."""
+
+    def __init__(self, env: simpy.Environment, link: LinkSpec, name: str, timeline: Optional[list]):
+        self.env = env
+        self.link = link
+        self.name = name
+        self._queue: list = []
+        self._seq = 0
+        self._wake: Optional[simpy.Event] = None
+        self._timeline = timeline
+        self.busy_s = 0.0
+        env.process(self._run())
+
+    def submit(self, nbytes: float, priority: int, on_done: Callable[[], None], label: str) -> simpy.Event:
+        """Queue a copy of ``nbytes``; the returned event fires when it has landed."""
+        done = self.env.event()
+        heapq.heappush(self._queue, (priority, self._seq, nbytes, done, on_done, label))
+        self._seq += 1
+        if self._wake is not None and not self._wake.triggered:
+            self._wake.succeed()
+        return done
+
+    def _run(self):
+        env = self.env
+        while True:
+            if not self._queue:
+                self._wake = env.event()
+                yield self._wake
+                self._wake = None
+            _, _, nbytes, done, on_done, label = heapq.heappop(self._queue)
+            start = env.now
+            duration = self.link.transfer_s(nbytes)
+            yield env.timeout(duration)
+            self.busy_s += duration
+            if self._timeline is not None:
+                self._timeline.append(_span(label, "copy", start, duration, self.name))
+            on_done()
+            done.succeed()
+
+
+def _span(name: str, cat: str, start_s: float, dur_s: float, track: str) -> dict:
+    return {"name": name, "cat": cat, "ph": "X", "ts": start_s * 1e6, "dur": dur_s * 1e6,
+            "pid": 1, "tid": track}
+
+
+@dataclass
+class _Running:
+    req: Request
+    pos: int = 0                 # next token position to feed
+    generated: int = 0
+    first_token_s: float = float("nan")
+
+
+@dataclass
+class RunResult:
+    """Everything a run produced: records, summary, optional timeline, memory plan."""
+
+    steps: pd.DataFrame
+    requests: pd.DataFrame
+    summary: dict[str, Any]
+    memory: MemoryBudget
+    timeline: Optional[list] = None
+
+
+class _Counter:
+    def __init__(self) -> None:
+        self.reset()
+
+    def reset(self) -> None:
+        self.demand_bytes = 0.0
+        self.prefetch_bytes = 0.0
+        self.wasted_bytes = 0.0
+
+
+class Engine:
+    """Runs one scenario over a list of requests and returns its records."""
+
+    def __init__(self, scenario: Scenario, requests: list[Request], cost: Optional[CostModel] = None,
+                 policy: Optional[PrefetchPolicy] = None, progress: Optional[bool] = None):
+        self.scenario = scenario
+        self.model: ModelSpec = scenario.model
+        self.requests = sorted(requests, key=lambda r: (r.arrival_s, r.request_id))
+        self.system = System(scenario.hw)
+        self.cost: CostModel = cost or Roofline(scenario.hw.gpu, scenario.hw.cpu)
+        self.policy = policy or prefetch_policy_class(scenario.prefetch.name)(scenario.prefetch)
+        wl = scenario.workload
+        longest = max((r.prompt_len + r.output_len for r in self.requests), default=0)
+        kv_tokens = scenario.sim.kv_cache_tokens
+        if kv_tokens is None:
+            kv_tokens = min(wl.batch_size, max(len(self.requests), 1)) * longest
+        act = scenario.sim.activation_bytes
+        if act is None:
+            act = default_activation_bytes(self.model, wl.max_prefill_tokens)
+        gpu = scenario.hw.gpu
+        self.memory = plan_memory(self.model, gpu.memory_bytes, gpu.reserved_bytes, kv_tokens, act,
+                                  scenario.prefetch.cache_scope, scenario.prefetch.capacity_per_layer,
+                                  scenario.hw.name)
+        if progress is None:
+            progress = scenario.sim.progress if isinstance(scenario.sim.progress, bool) else sys.stderr.isatty()
+        self._progress = progress
+
+    # ------------------------------------------------------------------ run
+    def run(self) -> RunResult:
+        wall0 = time.perf_counter()
+        env = self.env = simpy.Environment()
+        sc = self.scenario
+        self.timeline: Optional[list] = [] if sc.sim.timeline else None
+        gpu = gpu_node(sc.sim.gpu)
+        (h2d_id,) = self.system.route(HOST, gpu)
+        self.copier = CopyEngine(env, self.system.links()[h2d_id], f"copy {HOST}->{gpu}", self.timeline)
+        self.cache = ExpertCache(self.memory, self.model.moe_layers)
+        initial = self.cache.initial_fill(self.model) if sc.sim.initial_residency == "fill" else []
+        self.policy.reset(PolicyContext(self.model, self.memory.cache_scope, self.memory.slots_per_layer,
+                                        self.memory.total_slots, tuple(initial), sc.seed))
+        self._copy_events: dict = {}
+        self._unused_prefetch: set = set()
+        self._bytes = _Counter()
+        self._expert_s: dict[int, float] = {}
+        self._step_rows: list[dict] = []
+        self._request_rows: list[dict] = []
+        layer_offsets = np.arange(self.model.num_moe_layers, dtype=np.int64)[None, :, None] * self.model.num_experts
+        self._layer_offsets = layer_offsets
+        self._dense = set(self.model.dense_layers)
+        self._moe_index = self.model.moe_layer_index
+        bar = None
+        if self._progress:
+            from tqdm import tqdm
+
+            bar = tqdm(total=len(self.requests), unit="req", desc="moesim", file=sys.stderr, leave=False)
+        self._bar = bar
+        env.process(self._serve())
+        env.run()
+        if bar is not None:
+            bar.close()
+        events = _events_scheduled(env)
+        steps = pd.DataFrame(self._step_rows, columns=STEP_COLUMNS)
+        reqs = pd.DataFrame(self._request_rows, columns=REQUEST_COLUMNS)
+        summary = summarize(steps, reqs)
+        summary["sim_wall_s"] = time.perf_counter() - wall0
+        summary["events"] = events
+        summary["copy_engine_busy_s"] = self.copier.busy_s
+        summary["expert_slots"] = self.memory.total_slots
+        summary["expert_budget_bytes"] = self.memory.expert_budget_bytes
+        summary.update(sc.choices())
+        return RunResult(steps, reqs, summary, self.memory, self.timeline)
+
+    # ------------------------------------------------------------------ serving loop
+    def _serve(self):
+        env = self.env
+        wl = self.scenario.workload
+        pending = list(self.requests)  # sorted by arrival
+        nxt = 0
+        waiting: list[Request] = []
+        running: list[_Running] = []
+        step = 0
+        while nxt < len(pending) or waiting or running:
+            while nxt < len(pending) and pending[nxt].arrival_s <= env.now:
+                waiting.append(pending[nxt])
+                nxt += 1
+            if not waiting and not running:
+                yield env.timeout(pending[nxt].arrival_s - env.now)
+                continue
+            if waiting and len(running) < wl.batch_size:
+                batch: list[_Running] = []
+                tokens = 0
+                while waiting and len(running) + len(batch) < wl.batch_size:
+                    if batch and tokens + waiting[0].prompt_len > wl.max_prefill_tokens:
+                        break
+                    req = waiting.pop(0)
+                    tokens += req.prompt_len
+                    batch.append(_Running(req))
+                yield from self._forward("prefill", batch, step)
+                for r in batch:
+                    r.first_token_s = env.now
+                    r.generated = 1
+                    r.pos = r.req.prompt_len
+                    running.append(r)
+            else:
+                yield from self._forward("decode", running, step)
+                for r in running:
+                    r.generated += 1
+                    r.pos += 1
+            step += 1
+            still = []
+            for r in running:
+                if r.generated >= r.req.output_len:
+                    self._finish(r)
+                else:
+                    still.append(r)
+            running = still
+
+    def _finish(self, r: _Running) -> None:
+        now = self.env.now
+        req = r.req
+        tpot = (now - r.first_token_s) / (req.output_len - 1) if req.output_len > 1 else float("nan")
+        self._request_rows.append({
+            "request_id": req.request_id, "arrival_s": req.arrival_s, "prompt_len": req.prompt_len,
+            "output_len": req.output_len, "first_token_s": r.first_token_s, "finish_s": now,
+            "ttft_s": r.first_token_s - req.arrival_s, "tpot_s": tpot})
+        if self._bar is not None:
+            self._bar.update(1)
+
+    # ------------------------------------------------------------------ one forward pass
+    def _layer_routing(self, rows: np.ndarray) -> list[tuple[list[int], list[int]]]:
+        """Per MoE layer: the distinct experts the pass selected (ascending) and tokens per expert."""
+        T, M, K = rows.shape
+        if T == 1:
+            return [(sorted(ids), [1] * K) for ids in rows[0].tolist()]
+        E = self.model.num_experts
+        flat = (rows.astype(np.int64) + self._layer_offsets).ravel()
+        counts = np.bincount(flat, minlength=M * E).reshape(M, E)
+        lay, exp = np.nonzero(counts)
+        vals = counts[lay, exp].tolist()
+        bounds = np.searchsorted(lay, np.arange(M + 1)).tolist()
+        exp_l = exp.tolist()
+        return [(exp_l[bounds[m]:bounds[m + 1]], vals[bounds[m]:bounds[m + 1]]) for m in range(M)]
+
+    def _expert_time(self, tokens: int) -> float:
+        t = self._expert_s.get(tokens)
+        if t is None:
+            t = self._expert_s[tokens] = self.cost.expert_s(self.model, tokens)
+        return t
+
+    def _forward(self, phase: str, batch: list[_Running], step: int):
+        env, model, cost, cache, policy = self.env, self.model, self.cost, self.cache, self.policy
+        start = env.now
+        if phase == "decode":
+            rows = np.stack([r.req.experts[r.pos] for r in batch])[:, :, :]
+            ctx = sum(r.pos + 1 for r in batch)
+            shape = BatchShape(tokens=len(batch), sequences=len(batch), attended_pairs=ctx, kv_tokens=ctx)
+        else:
+            rows = np.concatenate([r.req.experts[: r.req.prompt_len] for r in batch])
+            pairs = sum(r.req.prompt_len * (r.req.prompt_len + 1) // 2 for r in batch)
+            shape = BatchShape(tokens=rows.shape[0], sequences=len(batch), attended_pairs=pairs,
+                               kv_tokens=rows.shape[0])
+        T = shape.tokens
+        routing = self._layer_routing(rows)
+        attn = cost.attention_block_s(model, shape)
+        router = cost.router_s(model, T)
+        shared = cost.shared_experts_s(model, T)
+        combine = cost.combine_s(model, T)
+        dense = cost.dense_ffn_s(model, T) if self._dense else 0.0
+        counters = self._bytes
+        counters.reset()
+        self._step_index = step
+        plan = policy.on_step_begin(step, cache)
+        if plan:
+            self._execute(plan)
+
+        attention_s = expert_s = other_s = stall_s = 0.0
+        hits = misses = late = 0
+        active: list[int] = []
+        pending = cost.embed_s(model, T)
+        other_s += pending
+        for layer in range(model.num_layers):
+            if layer in self._dense:
+                pending += attn + dense
+                attention_s += attn
+                other_s += dense
+                continue
+            ids, counts = routing[self._moe_index[layer]]
+            active.append(len(ids))
+            pending += attn + router
+            attention_s += attn
+            other_s += router + shared + combine
+            yield env.timeout(pending)  # the router has run: routing is known from here on
+            pending = 0.0
+            plan = policy.on_routed(step, layer, ids, None, cache)
+            if plan:
+                self._execute(plan)
+            cache.pinned = {(layer, e) for e in ids}
+            ready = shared
+            waits = []
+            for e, n in zip(ids, counts):
+                key = (layer, e)
+                t = self._expert_time(n)
+                expert_s += t
+                if key in cache.resident:
+                    hits += 1
+                    ready += t
+                    if key in self._unused_prefetch:
+                        self._unused_prefetch.discard(key)
+                else:
+                    misses += 1
+                    ev = self._copy_events.get(key)
+                    if ev is None:
+                        ev = self._demand_load(key)
+                    else:
+                        late += 1
+                        self._unused_prefetch.discard(key)
+                    waits.append((ev, t))
+            if waits:
+                acc = ready
+                for ev, t in waits:
+                    if acc > 0:
+                        yield env.timeout(acc)
+                        acc = 0.0
+                    if not ev.triggered:
+                        t0 = env.now
+                        yield ev
+                        stall_s += env.now - t0
+                    acc += t
+                pending = acc + combine
+            else:
+                pending = ready + combine
+            cache.pinned = set()
+        lm = cost.lm_head_s(model, len(batch))
+        other_s += lm
+        pending += lm
+        yield env.timeout(pending)
+        policy.on_step_end(step, cache)
+        end = env.now
+        if self.timeline is not None:
+            self.timeline.append(_span(f"{phase} step {step} (B={len(batch)})", "compute", start, end - start,
+                                       "gpu compute"))
+        self._step_rows.append({
+            "step": step, "phase": phase, "start_s": start, "end_s": end, "duration_s": end - start,
+            "batch_size": len(batch), "tokens": T, "attention_s": attention_s,
+            "expert_compute_s": expert_s, "other_compute_s": other_s, "copy_stall_s": stall_s,
+            "h2d_bytes": counters.demand_bytes + counters.prefetch_bytes,
+            "demand_bytes": counters.demand_bytes, "prefetch_bytes": counters.prefetch_bytes,
+            "hits": hits, "misses": misses, "late_prefetches": late,
+            "wasted_prefetch_bytes": counters.wasted_bytes,
+            "active_experts_mean": sum(active) / len(active), "active_experts_per_layer": active})
+
+    # ------------------------------------------------------------------ copies and slots
+    def _make_room(self, key) -> bool:
+        """Reserve a slot for ``key``, evicting the policy's victim if needed; False if none."""
+        cache = self.cache
+        if cache.free_slots(key[0]) <= 0:
+            victim = self.policy.victim(key[0], key[1], cache)
+            if victim is None:
+                return False
+            cache.evict(victim)
+            if victim in self._unused_prefetch:
+                self._unused_prefetch.discard(victim)
+                self._bytes.wasted_bytes += self.model.expert_bytes
+        cache.reserve(key)
+        return True
+
+    def _landed(self, key, prefetched: bool) -> Callable[[], None]:
+        def done() -> None:
+            self._copy_events.pop(key, None)
+            self.cache.land(key)
+            if prefetched:
+                self._unused_prefetch.add(key)
+            self.policy.on_copy_done(key[0], key[1], self.cache)
+        return done
+
+    def _demand_load(self, key) -> simpy.Event:
+        nbytes = self.model.expert_bytes
+        self._bytes.demand_bytes += nbytes
+        label = f"L{key[0]} E{key[1]} demand"
+        if self._make_room(key):
+            ev = self.copier.submit(nbytes, DEMAND_PRIORITY, self._landed(key, False), label)
+            self._copy_events[key] = ev
+            return ev
+        return self.copier.submit(nbytes, DEMAND_PRIORITY, _nothing, label + " (staging)")
+
+    def _execute(self, plan) -> None:
+        for action in plan:
+            if isinstance(action, Prefetch):
+                key = (action.layer, action.expert)
+                if key in self.cache.resident or key in self.cache.in_flight:
+                    continue
+                if not self._make_room(key):
+                    continue
+                self._bytes.prefetch_bytes += self.model.expert_bytes
+                ev = self.copier.submit(self.model.expert_bytes, PREFETCH_PRIORITY_BASE + action.priority,
+                                        self._landed(key, True), f"L{key[0]} E{key[1]} prefetch")
+                self._copy_events[key] = ev
+            elif isinstance(action, RunOnHost):
+                raise NotImplementedError("RunOnHost actions are not supported by this engine yet")
+            else:
+                raise TypeError(f"unknown plan action {action!r}")
+
+
+def _nothing() -> None:
+    pass
+
+
+def _events_scheduled(env: simpy.Environment) -> int:
+    """SimPy events scheduled during the run (all are processed when ``env.run()`` returns)."""
+    counter = getattr(env, "_eid", None)
+    return int(next(counter)) if counter is not None else -1
+
+
+STEP_COLUMNS = ["step", "phase", "start_s", "end_s", "duration_s", "batch_size", "tokens", "attention_s",
+                "expert_compute_s", "other_compute_s", "copy_stall_s", "h2d_bytes", "demand_bytes",
+                "prefetch_bytes", "hits", "misses", "late_prefetches", "wasted_prefetch_bytes",
+                "active_experts_mean", "active_experts_per_layer"]
+REQUEST_COLUMNS = ["request_id", "arrival_s", "prompt_len", "output_len", "first_token_s", "finish_s",
+                   "ttft_s", "tpot_s"]
+
+
+def simulate(scenario: Scenario, requests: Optional[list[Request]] = None, **kwargs) -> RunResult:
+    """Build the requests (unless given) and run the scenario."""
+    if requests is None:
+        from workloads.requests import build_requests
+
+        requests = build_requests(scenario.workload, scenario.model, scenario.seed)
+    return Engine(scenario, requests, **kwargs).run()

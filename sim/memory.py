@@ -1,0 +1,161 @@
+"""GPU memory: the HBM budget left for experts, and the expert cache that lives in it.
+
+Budget (bytes)::
+
+    expert budget = HBM capacity - reserved (CUDA context) - non-expert weights
+                    - KV cache (kv_cache_tokens * kv_bytes_per_token) - activation workspace
+
+The activation workspace defaults to ``max_prefill_tokens * act_bytes * (6*H + 3*I_max)`` (hidden
+states, residual, attention and FFN intermediates of the widest FFN for the largest prefill) plus
+two expert-sized staging buffers, which hold experts that must run but find no cache slot (their
+copy is not cached). ``ExpertCache`` tracks which experts occupy the remaining slots.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal, Optional
+
+from workloads.model import ModelSpec
+from workloads.validation import ConfigError
+
+from .policies.base import ExpertKey
+
+STAGING_EXPERTS = 2
+
+
+@dataclass(frozen=True)
+class MemoryBudget:
+    """Where the GPU's memory goes, in bytes, and the expert slots that result."""
+
+    capacity_bytes: float
+    reserved_bytes: float
+    non_expert_bytes: float
+    kv_cache_bytes: float
+    activation_bytes: float
+    expert_budget_bytes: float
+    cache_scope: Literal["per_layer", "global"]
+    slots_per_layer: Optional[int]   # per_layer scope only
+    total_slots: int
+
+
+def default_activation_bytes(model: ModelSpec, max_prefill_tokens: int) -> float:
+    widest = max(model.expert_intermediate_size, model.shared_intermediate_total, model.dense_intermediate_size)
+    work = max_prefill_tokens * model.act_bytes_per_elem * (6 * model.hidden_size + 3 * widest)
+    return work + STAGING_EXPERTS * model.expert_bytes
+
+
+def plan_memory(model: ModelSpec, capacity_bytes: float, reserved_bytes: float, kv_cache_tokens: int,
+                activation_bytes: float, cache_scope: str, capacity_per_layer: Optional[int],
+                hw_name: str = "hw") -> MemoryBudget:
+    """Split HBM and size the expert cache; raise a one-line ConfigError if it cannot fit."""
+    kv = kv_cache_tokens * model.kv_bytes_per_token
+    budget = capacity_bytes - reserved_bytes - model.non_expert_bytes - kv - activation_bytes
+    gb = 1e9
+    if budget < model.expert_bytes:
+        raise ConfigError(
+            f"model={model.name} does not fit on hw={hw_name}: HBM {capacity_bytes / gb:.1f} GB minus "
+            f"reserved {reserved_bytes / gb:.1f} GB, non-expert weights {model.non_expert_bytes / gb:.2f} GB, "
+            f"KV cache {kv / gb:.2f} GB and activations {activation_bytes / gb:.2f} GB leaves "
+            f"{budget / gb:.2f} GB, less than one expert ({model.expert_bytes / gb:.3f} GB); "
+            f"lower workload.batch_size or the request lengths, or pick a larger GPU")
+    L, E = model.num_moe_layers, model.num_experts
+    fit_total = int(budget // model.expert_bytes)
+    if capacity_per_layer is not None:
+        if capacity_per_layer > E:
+            raise ConfigError(f"policy.prefetch.capacity_per_layer={capacity_per_layer} is invalid; "
+                              f"model {model.name} has {E} experts per layer, so at most {E}")
+        need = capacity_per_layer * L
+        if need > fit_total:
+            raise ConfigError(
+                f"policy.prefetch.capacity_per_layer={capacity_per_layer} needs "
+                f"{need * model.expert_bytes / gb:.1f} GB of HBM for experts but {model.name} on {hw_name} "
+                f"has {budget / gb:.1f} GB left for them; allowed: at most {fit_total // L} per layer")
+        total = need
+    else:
+        total = min(fit_total, L * E)
+    if cache_scope == "per_layer":
+        per_layer = total // L
+        if per_layer < 1:
+            raise ConfigError(
+                f"policy.prefetch.cache_scope=per_layer leaves no expert slot per layer for {model.name} "
+                f"on {hw_name} ({fit_total} slots for {L} layers); use policy.prefetch.cache_scope=global")
+        return MemoryBudget(capacity_bytes, reserved_bytes, model.non_expert_bytes, kv, activation_bytes,
+                            budget, "per_layer", per_layer, per_layer * L)
+    return MemoryBudget(capacity_bytes, reserved_bytes, model.non_expert_bytes, kv, activation_bytes,
+                        budget, "global", None, total)
+
+
+class ExpertCache:
+    """Which experts occupy cache slots, which are being copied in, and which the running layer needs.
+
+    Implements the ``CacheView`` the policies read. A slot is *reserved* from the moment a copy into
+    it is issued (the expert is then in flight) until the expert is evicted.
+    """
+
+    def __init__(self, budget: MemoryBudget, moe_layers: tuple[int, ...]):
+        self.per_layer = budget.cache_scope == "per_layer"
+        self.capacity = {layer: budget.slots_per_layer for layer in moe_layers} if self.per_layer \
+            else {-1: budget.total_slots}
+        self.used = {b: 0 for b in self.capacity}
+        self.resident: set[ExpertKey] = set()
+        self.in_flight: set[ExpertKey] = set()
+        self.pinned: set[ExpertKey] = set()
+
+    def _bucket(self, layer: int) -> int:
+        return layer if self.per_layer else -1
+
+    # ---- CacheView
+    def is_resident(self, layer: int, expert: int) -> bool:
+        return (layer, expert) in self.resident
+
+    def is_in_flight(self, layer: int, expert: int) -> bool:
+        return (layer, expert) in self.in_flight
+
+    def can_evict(self, layer: int, expert: int) -> bool:
+        key = (layer, expert)
+        return key in self.resident and key not in self.pinned
+
+    def free_slots(self, layer: int) -> int:
+        b = self._bucket(layer)
+        return self.capacity[b] - self.used[b]
+
+    # ---- engine-side mutations
+    def reserve(self, key: ExpertKey) -> None:
+        b = self._bucket(key[0])
+        if self.used[b] >= self.capacity[b]:
+            raise RuntimeError(f"no free slot for expert {key}")
+        self.used[b] += 1
+        self.in_flight.add(key)
+
+    def land(self, key: ExpertKey) -> None:
+        self.in_flight.discard(key)
+        self.resident.add(key)
+
+    def place(self, key: ExpertKey) -> None:
+        """Make ``key`` resident without a copy (initial residency)."""
+        self.reserve(key)
+        self.land(key)
+
+    def evict(self, key: ExpertKey) -> None:
+        if not self.can_evict(*key):
+            raise RuntimeError(f"policy chose {key} as victim, but it is not evictable")
+        self.resident.remove(key)
+        self.used[self._bucket(key[0])] -= 1
+
+    def initial_fill(self, model: ModelSpec) -> list[ExpertKey]:
+        """Fill every pool with the lowest expert ids, layer by layer (round-robin for a global pool)."""
+        order: list[ExpertKey] = []
+        if self.per_layer:
+            for layer in model.moe_layers:
+                for e in range(min(self.capacity[layer], model.num_experts)):
+                    order.append((layer, e))
+        else:
+            slots = self.capacity[-1]
+            for e in range(model.num_experts):
+                for layer in model.moe_layers:
+                    if len(order) < slots:
+                        order.append((layer, e))
+        for key in order:
+            self.place(key)
+        return order

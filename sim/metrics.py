@@ -1,0 +1,72 @@
+"""Records -> summary metrics. Both engines emit the same record schema, so one summariser serves both.
+
+Step records (``steps.parquet``), one row per forward pass:
+    step, phase (prefill|decode), start_s, end_s, duration_s, batch_size, tokens,
+    attention_s, expert_compute_s, other_compute_s, copy_stall_s (GPU idle waiting for copies; the
+    four add up to duration_s), h2d_bytes (issued in the step), demand_bytes, prefetch_bytes,
+    hits, misses, late_prefetches, wasted_prefetch_bytes, active_experts_mean,
+    active_experts_per_layer (list, one entry per MoE layer).
+Request records (``requests.parquet``), one row per request:
+    request_id, arrival_s, prompt_len, output_len, first_token_s, finish_s, ttft_s, tpot_s.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+
+def _mean(series: pd.Series) -> float:
+    s = series.dropna()
+    return float(s.mean()) if len(s) else float("nan")
+
+
+def _pct(series: pd.Series, q: float) -> float:
+    s = series.dropna()
+    return float(np.percentile(s, q)) if len(s) else float("nan")
+
+
+def summarize(steps: pd.DataFrame, requests: pd.DataFrame) -> dict[str, Any]:
+    """Summary metrics (summary.json's keys, DESIGN.md) computed from the records alone.
+
+    tpot_s: mean over requests of (finish - first token) / (output_len - 1), requests with
+        output_len > 1 only. ttft_s: mean over requests of first token - arrival.
+    throughput_tok_s: generated tokens (all requests, first tokens included) / (last finish - first arrival).
+    decode_tokens: tokens produced by decode passes. expert_hit_rate: hits / (hits + misses) over
+    all passes, an access being one (layer, expert) a pass needs. mean_active_experts: distinct
+    experts per MoE layer per decode pass, averaged over decode passes (prefill passes are in
+    mean_active_experts_prefill).
+    """
+    decode = steps[steps["phase"] == "decode"]
+    prefill = steps[steps["phase"] == "prefill"]
+    accesses = float(steps["hits"].sum() + steps["misses"].sum())
+    span = float(requests["finish_s"].max() - requests["arrival_s"].min()) if len(requests) else 0.0
+    generated = float(requests["output_len"].sum())
+    out = {
+        "tpot_s": _mean(requests["tpot_s"]),
+        "tpot_p50_s": _pct(requests["tpot_s"], 50),
+        "tpot_p99_s": _pct(requests["tpot_s"], 99),
+        "ttft_s": _mean(requests["ttft_s"]),
+        "ttft_p50_s": _pct(requests["ttft_s"], 50),
+        "ttft_p99_s": _pct(requests["ttft_s"], 99),
+        "throughput_tok_s": generated / span if span > 0 else float("nan"),
+        "decode_tokens": int(decode["batch_size"].sum()),
+        "requests": int(len(requests)),
+        "iterations": int(len(steps)),
+        "simulated_time_s": float(steps["end_s"].max()) if len(steps) else 0.0,
+        "decode_step_s": _mean(decode["duration_s"]),
+        "expert_hit_rate": float(steps["hits"].sum()) / accesses if accesses else float("nan"),
+        "h2d_bytes": float(steps["h2d_bytes"].sum()),
+        "demand_bytes": float(steps["demand_bytes"].sum()),
+        "prefetch_bytes": float(steps["prefetch_bytes"].sum()),
+        "wasted_prefetch_bytes": float(steps["wasted_prefetch_bytes"].sum()),
+        "copy_stall_s": float(steps["copy_stall_s"].sum()),
+        "attention_s": float(steps["attention_s"].sum()),
+        "expert_compute_s": float(steps["expert_compute_s"].sum()),
+        "mean_active_experts": _mean(decode["active_experts_mean"]),
+        "mean_active_experts_prefill": _mean(prefill["active_experts_mean"]),
+    }
+    return {k: (None if isinstance(v, float) and math.isnan(v) else v) for k, v in out.items()}

@@ -1,0 +1,151 @@
+"""The seam between engines and policies: what a policy is told, what it is asked, what it answers.
+
+Policies are pure decision logic: no simpy, no torch, no clock of their own. An engine (the SimPy
+simulator, later the PyTorch executor) owns the expert cache and the copy machinery; it tells the
+policy what happened and asks it what to do. The same policy object runs unchanged in either engine.
+
+Layers are absolute layer indices (``model.moe_layers``), experts are ids ``0 .. num_experts-1``;
+an ``ExpertKey`` is ``(layer, expert)``.
+
+Lifecycle, per engine run::
+
+    reset(ctx)
+    for each forward pass (a "step"):
+        plan = on_step_begin(step, cache)                  # e.g. prefetch the first MoE layer
+        for each MoE layer, once its router has run:
+            plan = on_routed(step, layer, experts, predicted, cache)
+            # the engine loads missing experts on demand; when it needs a slot it asks
+            victim(layer, incoming, cache) -> ExpertKey | None
+        on_copy_done(layer, expert, cache)                 # whenever a copy into a cache slot lands
+        on_step_end(step, cache)
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal, Mapping, Optional, Protocol, Sequence, Union
+
+from workloads.model import ModelSpec
+from workloads.validation import ConfigError, require
+
+ExpertKey = tuple[int, int]
+
+
+@dataclass(frozen=True)
+class Prefetch:
+    """Start copying ``expert`` of ``layer`` into the cache; lower ``priority`` goes first."""
+
+    layer: int
+    expert: int
+    priority: int = 0
+
+
+@dataclass(frozen=True)
+class RunOnHost:
+    """Run ``expert`` of ``layer`` on the host CPU for this step instead of copying it."""
+
+    layer: int
+    expert: int
+
+
+Action = Union[Prefetch, RunOnHost]
+Plan = Sequence[Action]
+NO_PLAN: Plan = ()
+
+
+class CacheView(Protocol):
+    """Read-only view of the engine's expert cache."""
+
+    def is_resident(self, layer: int, expert: int) -> bool: ...
+    def is_in_flight(self, layer: int, expert: int) -> bool: ...
+    def can_evict(self, layer: int, expert: int) -> bool:
+        """Resident, not being copied, and not needed by the layer running now."""
+    def free_slots(self, layer: int) -> int:
+        """Unreserved slots in the pool that ``layer``'s experts live in."""
+
+
+@dataclass(frozen=True)
+class PolicyContext:
+    """What a policy knows before the run starts.
+
+    cache_scope: ``per_layer`` (each MoE layer has ``slots_per_layer`` slots of its own) or
+    ``global`` (one pool of ``total_slots`` shared by all layers).
+    initial_resident: the experts resident at t=0, in the order they were loaded.
+    """
+
+    model: ModelSpec
+    cache_scope: Literal["per_layer", "global"]
+    slots_per_layer: Optional[int]
+    total_slots: int
+    initial_resident: tuple[ExpertKey, ...]
+    seed: int = 0
+
+
+@dataclass(frozen=True)
+class PrefetchConfig:
+    """The ``policy.prefetch`` node: which policy, and how big the expert cache is."""
+
+    name: str = "lru"
+    capacity_per_layer: Optional[int] = None  # experts cached per MoE layer; null = HBM budget
+    cache_scope: Literal["per_layer", "global"] = "per_layer"
+
+    def validate(self, key: str = "policy.prefetch") -> None:
+        if self.capacity_per_layer is not None:
+            require(self.capacity_per_layer >= 1, f"{key}.capacity_per_layer",
+                    self.capacity_per_layer, "must be >= 1 (or null for whatever the HBM budget allows)")
+
+
+class PrefetchPolicy:
+    """Base class: on-demand loading, no prefetch, no eviction preference. Subclasses override."""
+
+    name: str = "base"
+    Config: type = PrefetchConfig
+
+    def __init__(self, config: PrefetchConfig):
+        self.config = config
+        self.ctx: Optional[PolicyContext] = None
+
+    def reset(self, ctx: PolicyContext) -> None:
+        self.ctx = ctx
+
+    def on_step_begin(self, step: int, cache: CacheView) -> Plan:
+        return NO_PLAN
+
+    def on_routed(self, step: int, layer: int, experts: Sequence[int],
+                  predicted: Optional[Mapping[int, Sequence[int]]], cache: CacheView) -> Plan:
+        return NO_PLAN
+
+    def victim(self, layer: int, incoming: int, cache: CacheView) -> Optional[ExpertKey]:
+        """The resident expert to evict so ``(layer, incoming)`` can be cached; None = do not cache it."""
+        return None
+
+    def on_copy_done(self, layer: int, expert: int, cache: CacheView) -> None:
+        pass
+
+    def on_step_end(self, step: int, cache: CacheView) -> None:
+        pass
+
+
+PREFETCH_POLICIES: dict[str, type[PrefetchPolicy]] = {}
+
+
+def register_prefetch(name: str):
+    """Class decorator: make a prefetch policy selectable as ``policy/prefetch=NAME``."""
+
+    def deco(cls: type[PrefetchPolicy]) -> type[PrefetchPolicy]:
+        if name in PREFETCH_POLICIES:
+            raise ValueError(f"prefetch policy {name!r} registered twice")
+        cls.name = name
+        PREFETCH_POLICIES[name] = cls
+        return cls
+
+    return deco
+
+
+def prefetch_policy_class(name: str) -> type[PrefetchPolicy]:
+    from . import prefetch  # noqa: F401  (registers the built-in policies)
+
+    if name not in PREFETCH_POLICIES:
+        raise ConfigError(f"policy.prefetch.name={name!r} is not a known prefetch policy; "
+                          f"choose one of: {', '.join(sorted(PREFETCH_POLICIES))}")
+    return PREFETCH_POLICIES[name]

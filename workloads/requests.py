@@ -1,0 +1,124 @@
+"""Requests a serving run handles: arrival times, prompt and output lengths, and per-token routing.
+
+``WorkloadConfig`` is the ``workload`` node of the Hydra config (``conf/workload/*.yaml``).
+``build_requests`` turns it into a list of :class:`Request`, either from the synthetic routing
+generator (``kind: synthetic``) or from a router trace on disk (``kind: trace``).
+
+Lengths: ``output_len`` counts generated tokens. The first one comes out of the prefill pass, so a
+request runs ``output_len - 1`` decode iterations and its routing holds ``prompt_len + output_len - 1``
+token positions (the last generated token is never fed back).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal, Optional
+
+import numpy as np
+
+from .model import ModelSpec
+from .validation import ConfigError, positive, require
+
+
+@dataclass(frozen=True)
+class WorkloadConfig:
+    """What arrives and how it routes. Lengths in tokens, rates in requests per second."""
+
+    kind: Literal["synthetic", "trace"] = "synthetic"
+    batch_size: int = 1                 # maximum requests decoded together (continuous batching)
+    num_requests: Optional[int] = 8     # synthetic: how many; trace: first N requests (null = all)
+    prompt_len: int = 128
+    output_len: int = 64
+    length_dist: Literal["fixed", "uniform"] = "fixed"
+    length_spread: float = 0.5          # uniform: lengths drawn in [len*(1-spread), len*(1+spread)]
+    arrival: Literal["all_at_once", "poisson"] = "all_at_once"
+    arrival_rate_per_s: float = 1.0     # poisson only
+    max_prefill_tokens: int = 8192      # tokens one prefill iteration may carry (chunking not modelled)
+    # Synthetic routing (see workloads/synthetic.py for the exact meaning of each knob).
+    routing: Literal["uniform", "skewed", "temporal", "affinity", "realistic"] = "realistic"
+    popularity_max_over_mean: float = 1.34
+    reuse_prob: Optional[float] = None  # null = derived from the Mixtral measurement (see synthetic.py)
+    affinity_strength: float = 1.0
+    # Trace replay.
+    path: Optional[str] = None
+    on_ragged: Literal["error", "truncate"] = "error"
+
+    def validate(self, key: str = "workload") -> None:
+        positive(self, key, "batch_size", "prompt_len", "output_len", "max_prefill_tokens",
+                 "popularity_max_over_mean")
+        if self.num_requests is not None:
+            positive(self, key, "num_requests")
+        if self.arrival == "poisson":
+            positive(self, key, "arrival_rate_per_s")
+        require(0.0 <= self.length_spread < 1.0, f"{key}.length_spread", self.length_spread,
+                "must be in [0, 1)")
+        require(self.popularity_max_over_mean >= 1.0, f"{key}.popularity_max_over_mean",
+                self.popularity_max_over_mean, "must be >= 1 (1 = no skew)")
+        if self.reuse_prob is not None:
+            require(0.0 <= self.reuse_prob <= 1.0, f"{key}.reuse_prob", self.reuse_prob, "must be in [0, 1]")
+        require(self.affinity_strength >= 0.0, f"{key}.affinity_strength", self.affinity_strength, "must be >= 0")
+        if self.kind == "trace":
+            require(bool(self.path), f"{key}.path", self.path, "set it to a router-trace Parquet file")
+        require(self.prompt_len <= self.max_prefill_tokens, f"{key}.prompt_len", self.prompt_len,
+                f"must be <= workload.max_prefill_tokens={self.max_prefill_tokens}")
+
+
+@dataclass
+class Request:
+    """One request: when it arrives, its lengths and the experts each of its tokens picks.
+
+    ``experts[t, m, :]`` are the top-k expert ids of token position ``t`` at the ``m``-th MoE layer
+    (``model.moe_layers[m]``); positions ``0 .. prompt_len-1`` are the prompt.
+    """
+
+    request_id: int
+    arrival_s: float
+    prompt_len: int
+    output_len: int
+    experts: np.ndarray  # int16 [prompt_len + output_len - 1, num_moe_layers, top_k]
+
+    def __post_init__(self) -> None:
+        expected = self.prompt_len + self.output_len - 1
+        if self.experts.shape[0] != expected:
+            raise ConfigError(
+                f"request {self.request_id}: routing has {self.experts.shape[0]} token positions, "
+                f"expected prompt_len + output_len - 1 = {expected}")
+
+
+def _lengths(base: int, n: int, cfg: WorkloadConfig, rng: np.random.Generator) -> np.ndarray:
+    if cfg.length_dist == "fixed":
+        return np.full(n, base, dtype=np.int64)
+    lo = max(1, int(round(base * (1 - cfg.length_spread))))
+    hi = max(lo, int(round(base * (1 + cfg.length_spread))))
+    return rng.integers(lo, hi + 1, size=n)
+
+
+def arrival_times_s(n: int, cfg: WorkloadConfig, rng: np.random.Generator) -> np.ndarray:
+    """Arrival time of each request: all at t=0, or a Poisson process of the configured rate."""
+    if cfg.arrival == "all_at_once":
+        return np.zeros(n)
+    gaps = rng.exponential(1.0 / cfg.arrival_rate_per_s, size=n)
+    return np.cumsum(gaps) - gaps[0]  # first request at t=0
+
+
+def build_requests(cfg: WorkloadConfig, model: ModelSpec, seed: int) -> list[Request]:
+    """Requests for a run; deterministic in (cfg, model, seed)."""
+    rng = np.random.default_rng(seed)
+    if cfg.kind == "trace":
+        from .trace import load_trace_requests
+
+        routed = load_trace_requests(cfg.path, model, on_ragged=cfg.on_ragged, limit=cfg.num_requests)
+        arrivals = arrival_times_s(len(routed), cfg, rng)
+        return [Request(r.request_id, float(a), r.prompt_len, r.output_len, r.experts)
+                for r, a in zip(routed, arrivals)]
+
+    from .synthetic import RoutingConfig, generate_routing
+
+    n = cfg.num_requests or 1
+    prompt = _lengths(cfg.prompt_len, n, cfg, rng)
+    output = _lengths(cfg.output_len, n, cfg, rng)
+    prompt = np.minimum(prompt, cfg.max_prefill_tokens)
+    arrivals = arrival_times_s(n, cfg, rng)
+    routing_cfg = RoutingConfig.from_workload(cfg)
+    routing = generate_routing(model, routing_cfg, [int(p + o - 1) for p, o in zip(prompt, output)], rng)
+    return [Request(i, float(arrivals[i]), int(prompt[i]), int(output[i]), routing[i]) for i in range(n)]
