@@ -1,0 +1,442 @@
+"""Synthetic router traces: which top-k experts each token picks at each MoE layer.
+
+Three measurable properties of real routing can be switched on independently:
+
+* **popularity** -- some experts of a layer get more tokens than others. Target:
+  ``popularity_max_over_mean`` = expected load of the busiest expert / mean load, per layer.
+* **temporal reuse** -- token t tends to reuse the experts token t-1 used at the same layer.
+  Target: ``reuse_prob`` = P(a given expert of token t was also used by token t-1, same layer,
+  same request) = mean of |S_t ∩ S_{t-1}| / K.
+* **cross-layer affinity** -- the experts a token picks at one MoE layer make some experts of the
+  next MoE layer more likely (``affinity_strength``).
+
+========== ========== ===== ========
+kind       popularity reuse affinity
+========== ========== ===== ========
+uniform    -          -     -
+skewed     yes        -     -
+temporal   yes        yes   -
+affinity   yes        -     yes
+realistic  yes        yes   yes
+========== ========== ===== ========
+
+A feature that is off is exactly off; ``uniform`` is i.i.d. uniform top-k without replacement, so
+t tokens hit MoESD's ``N(t) = E(1 - ((E-K)/E)^t)`` distinct experts on average.
+
+Mechanism
+---------
+Selection (an exponential race, which is Gumbel-top-k sampling). Each (token, MoE layer m) has a
+noise vector ``X[e] ~ Exp(1)``, i.i.d. over the E experts. The token picks the K experts with the
+smallest ``X[e] / w_m[e]`` (ascending, so column 0 is the expert with the highest router score).
+This is sampling K experts without replacement with probabilities proportional to ``w_m``
+(Plackett-Luce), the same as taking the top-k of ``log w_m[e] + Gumbel noise``.
+
+Popularity. ``log w_m = sigma * z[perm_m]``: ``z`` are the E standard-normal quantiles
+``Phi^-1((i + 0.5) / E)`` (a log-normal popularity profile) and ``perm_m`` is a random permutation
+per layer (drawn from ``rng``), so every layer has the same profile but different popular experts.
+``sigma`` is found by bisection so that the exact inclusion probability of the busiest expert under
+top-k sampling without replacement (computed by quadrature over its Gumbel value with a truncated
+Poisson-binomial count of the experts that beat it) equals ``popularity_max_over_mean * K / E``.
+Hence every layer's *expected* max/mean load equals the target exactly; a finite sample reads
+higher (the maximum of noisy counts). The target must be below E/K (the busiest expert cannot be
+picked by more than every token). Without popularity, ``w_m = 1``.
+
+Temporal reuse and affinity act on the noise, never on ``w``, in a way that keeps every token's
+noise vector i.i.d. Exp(1); each layer's marginal routing is therefore exactly the Plackett-Luce
+law above, whatever the other features do (popularity stays on target):
+
+* Keep: for token t > 0 of a request, each noise element ``X[t, m, e]`` is kept from token t-1
+  (same layer, same expert) with probability ``eta``; otherwise it is *renewed*. The first token of
+  a request renews everything. A renewed element is a fresh Exp(1) draw unless it inherits (next).
+* Inherit (affinity): layer m (m >= 1) has a random bijection ``partner_m`` from its experts to the
+  experts of MoE layer m-1 (drawn from ``rng``). A renewed element ``X[t, m, e]`` takes the value of
+  ``X[t, m-1, partner_m[e]]`` with probability ``beta = 1 - exp(-affinity_strength)``, provided
+  that partner element was itself renewed at token t (otherwise it draws fresh). A token that chose
+  expert ``partner_m[e]`` at layer m-1 thus had a small noise value there, which makes expert e
+  likely at layer m: each expert of layer m-1 has one preferred successor in layer m.
+  ``affinity_strength`` is this inheritance strength (0 = off, 1 -> beta = 0.63, large -> 1); an
+  element inherits with overall probability ``beta * (1 - eta)^2`` for t > 0 and ``beta`` at t = 0.
+* Why it is exact: each keep/inherit step copies a value along a fixed lineage (same expert in time,
+  ``partner`` across layers), and different experts of one (token, layer) have different lineages,
+  so their values are independent Exp(1) draws. Between tokens t-1 and t of one layer, an element
+  is identical with probability exactly ``eta`` (kept) and otherwise independent (a renewed element
+  only ever holds a value first drawn at token t). So ``reuse_prob`` depends on ``eta`` and the
+  popularity profile only; ``eta`` is found by bisection on a fixed-seed Monte Carlo of exactly
+  this pair law (about 0.5M noise elements; error ~0.002 or less).
+
+Reuse target. ``reuse_prob=None`` means the public Mixtral-8x7B measurement (traces/SOURCES.md):
+reuse 0.38 where chance is K/E = 0.25, a lift of 1.52 over chance; we use
+``q = min(0.95, max(1.52 * K / E, chance))``, where chance is the reuse popularity alone gives
+(``eta = 0``). An explicit ``reuse_prob`` below chance cannot be produced (it would need
+anti-correlation) and is a ConfigError.
+
+Calibration is deterministic (fixed internal seed, independent of ``rng``, which it does not
+consume) and cached per (E, K, targets). Generation works on chunks of ~131k noise elements
+(tokens of all requests back to back); inside a chunk everything is vectorised except one masked
+copy per layer (affinity on) and one per token (reuse on). Cost is about 10-25 ns per
+(token, MoE layer, expert) noise element: 64 requests x 640 tokens of Mixtral (32 layers, 8
+experts) take ~0.35 s, DeepSeek-V3-sized layers (58 x 256 experts) ~0.4 s per 1,000 tokens.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+from statistics import NormalDist
+from typing import Literal, Optional
+
+import numpy as np
+
+from .model import ModelSpec
+from .validation import ConfigError, require
+
+RoutingKind = Literal["uniform", "skewed", "temporal", "affinity", "realistic"]
+
+#: kind -> (popularity, reuse, affinity)
+FEATURES: dict[str, tuple[bool, bool, bool]] = {
+    "uniform": (False, False, False),
+    "skewed": (True, False, False),
+    "temporal": (True, True, False),
+    "affinity": (True, False, True),
+    "realistic": (True, True, True),
+}
+
+#: Reuse lift over chance measured on public Mixtral-8x7B-Instruct traces (0.38 vs K/E = 0.25).
+MIXTRAL_REUSE_LIFT = 0.38 / 0.25
+#: Cap of the default reuse target (a model with K/E > 0.62 would otherwise ask for reuse ~1).
+MAX_DEFAULT_REUSE = 0.95
+
+_CALIBRATION_SEED = 0x6D6F6573  # fixed: calibration must not depend on (or consume) the caller's rng
+_CHUNK_ELEMENTS = 1 << 17       # noise elements per generation chunk (1 MB of float64: cache-sized)
+
+
+@dataclass(frozen=True)
+class RoutingConfig:
+    """Knobs of the synthetic router (see the module docstring for their exact meaning).
+
+    ``popularity_max_over_mean``: expected load of a layer's busiest expert over the mean load
+    (dimensionless, >= 1, < E/K). ``reuse_prob``: target P(an expert of token t was used by token
+    t-1 at the same layer), None = derived from the Mixtral measurement. ``affinity_strength``:
+    cross-layer inheritance strength (>= 0; the probability is ``1 - exp(-affinity_strength)``).
+    """
+
+    kind: RoutingKind = "realistic"
+    popularity_max_over_mean: float = 1.34
+    reuse_prob: Optional[float] = None
+    affinity_strength: float = 1.0
+
+    def validate(self, key: str = "workload") -> None:
+        require(self.kind in FEATURES, f"{key}.routing", self.kind,
+                f"choose one of: {', '.join(FEATURES)}")
+        require(self.popularity_max_over_mean >= 1.0, f"{key}.popularity_max_over_mean",
+                self.popularity_max_over_mean, "must be >= 1 (1 = no skew)")
+        if self.reuse_prob is not None:
+            require(0.0 <= self.reuse_prob <= 1.0, f"{key}.reuse_prob", self.reuse_prob,
+                    "must be in [0, 1]")
+        require(self.affinity_strength >= 0.0, f"{key}.affinity_strength",
+                self.affinity_strength, "must be >= 0")
+
+    @classmethod
+    def from_workload(cls, cfg) -> "RoutingConfig":
+        """The routing knobs of a ``WorkloadConfig`` (``cfg.routing`` becomes ``kind``)."""
+        return cls(kind=cfg.routing, popularity_max_over_mean=cfg.popularity_max_over_mean,
+                   reuse_prob=cfg.reuse_prob, affinity_strength=cfg.affinity_strength)
+
+
+@dataclass(frozen=True)
+class RoutingPlan:
+    """``RoutingConfig`` resolved for one model: the generator's actual parameters.
+
+    ``popularity_scale``: sigma of the log-popularity profile (0 = uniform).
+    ``reuse_target``: the reuse probability aimed at (None when reuse is off).
+    ``reuse_chance``: the reuse popularity alone gives (K/E without popularity).
+    ``keep_prob``: eta, P(a noise element is kept from token t-1).
+    ``inherit_prob``: beta, P(a renewed noise element inherits from its partner in layer m-1).
+    """
+
+    kind: str
+    num_experts: int
+    top_k: int
+    popularity_max_over_mean: float
+    popularity_scale: float
+    reuse_target: Optional[float]
+    reuse_chance: float
+    keep_prob: float
+    inherit_prob: float
+
+
+# ---------------------------------------------------------------------------------------------
+# Calibration
+
+
+@functools.lru_cache(maxsize=None)
+def _profile(num_experts: int) -> np.ndarray:
+    """Standard-normal quantiles ``Phi^-1((i + 0.5)/E)``, ascending (read-only)."""
+    nd = NormalDist()
+    z = np.array([nd.inv_cdf((i + 0.5) / num_experts) for i in range(num_experts)])
+    z.setflags(write=False)
+    return z
+
+
+def _top_inclusion(sigma: float, num_experts: int, top_k: int) -> float:
+    """P(the most popular expert is in the top-k) under Plackett-Luce with ``log w = sigma * z``.
+
+    The top expert with logit s* and Gumbel noise g is picked iff fewer than K others exceed
+    s* + g; other j exceeds value x with probability ``1 - exp(-exp(s_j - x))``. Integrate the
+    Gumbel density of g against the truncated Poisson-binomial P(count <= K-1) (trapezoid rule,
+    step 0.02, g in [-5, 45]).
+    """
+    if top_k >= num_experts:
+        return 1.0
+    s = sigma * _profile(num_experts)
+    g = np.arange(-5.0, 45.0, 0.02)
+    density = np.exp(-g - np.exp(-g))
+    dist = np.zeros((top_k, g.size))  # dist[c] = P(exactly c others beat the top expert)
+    dist[0] = 1.0
+    top = s[-1]
+    for sj in s[:-1]:
+        p = -np.expm1(-np.exp(sj - top - g))
+        q = 1.0 - p
+        dist[1:] = dist[1:] * q + dist[:-1] * p
+        dist[0] *= q
+    return float(np.trapezoid(density * dist.sum(axis=0), g))
+
+
+@functools.lru_cache(maxsize=256)
+def popularity_scale(num_experts: int, top_k: int, max_over_mean: float) -> float:
+    """sigma such that the busiest expert's expected load / mean load == ``max_over_mean``."""
+    if max_over_mean <= 1.0 or top_k >= num_experts:
+        if max_over_mean > 1.0:
+            raise ConfigError(
+                f"workload.popularity_max_over_mean={max_over_mean!r} is unreachable with "
+                f"top_k={top_k} of num_experts={num_experts} (every expert is always picked); use 1")
+        return 0.0
+    goal = max_over_mean * top_k / num_experts
+    limit = num_experts / top_k
+    if goal >= 1.0 - 1e-9:
+        raise ConfigError(
+            f"workload.popularity_max_over_mean={max_over_mean!r} is unreachable for "
+            f"num_experts={num_experts}, top_k={top_k}; must be in [1, {limit:g}) (E/K)")
+    lo, hi = 0.0, 1.0
+    while _top_inclusion(hi, num_experts, top_k) < goal:
+        lo, hi = hi, hi * 2.0
+        if hi > 256.0:
+            raise ConfigError(
+                f"workload.popularity_max_over_mean={max_over_mean!r} is too close to E/K={limit:g} "
+                f"for num_experts={num_experts}, top_k={top_k}; use a smaller value")
+    while hi - lo > 1e-7 * hi:
+        mid = 0.5 * (lo + hi)
+        if _top_inclusion(mid, num_experts, top_k) < goal:
+            lo = mid
+        else:
+            hi = mid
+    return 0.5 * (lo + hi)
+
+
+def _member(keys: np.ndarray, top_k: int) -> np.ndarray:
+    """Boolean mask of the ``top_k`` smallest keys of each row."""
+    if top_k >= keys.shape[-1]:
+        return np.ones(keys.shape, dtype=bool)
+    kth = np.partition(keys, top_k - 1, axis=-1)[..., top_k - 1:top_k]
+    return keys <= kth
+
+
+class _ReusePairs:
+    """Fixed-seed Monte Carlo of (token t-1, token t) at one layer: elements identical w.p. eta."""
+
+    def __init__(self, num_experts: int, top_k: int, sigma: float) -> None:
+        rng = np.random.default_rng(_CALIBRATION_SEED)
+        n = max(4096, (1 << 19) // num_experts)
+        self.top_k = top_k
+        self.inv_w = np.exp(-sigma * _profile(num_experts))
+        self.x1 = rng.standard_exponential((n, num_experts))
+        self.x2 = rng.standard_exponential((n, num_experts))
+        self.u = rng.random((n, num_experts))
+        self.in1 = _member(self.x1 * self.inv_w, top_k)
+        self.n = n
+
+    def reuse(self, eta: float) -> float:
+        x = np.where(self.u < eta, self.x1, self.x2)
+        both = self.in1 & _member(x * self.inv_w, self.top_k)
+        return float(np.count_nonzero(both)) / (self.n * self.top_k)
+
+    def stderr(self, q: float) -> float:
+        return math.sqrt(max(q * (1.0 - q), 1e-6) / (self.n * self.top_k))
+
+
+@functools.lru_cache(maxsize=256)
+def _chance_reuse(num_experts: int, top_k: int, sigma: float) -> tuple[float, float]:
+    """(reuse with independent tokens, Monte Carlo standard error); exact K/E when sigma == 0."""
+    if sigma == 0.0:
+        return top_k / num_experts, 0.0
+    pairs = _ReusePairs(num_experts, top_k, sigma)
+    chance = pairs.reuse(0.0)
+    return chance, pairs.stderr(chance)
+
+
+@functools.lru_cache(maxsize=256)
+def keep_probability(num_experts: int, top_k: int, sigma: float, reuse: float) -> float:
+    """eta such that the reuse statistic equals ``reuse`` (0 if chance already reaches it)."""
+    chance, _ = _chance_reuse(num_experts, top_k, sigma)
+    if reuse <= chance:
+        return 0.0
+    if reuse >= 1.0:
+        return 1.0
+    pairs = _ReusePairs(num_experts, top_k, sigma)
+    lo, hi = 0.0, 1.0
+    for _ in range(18):  # eta to ~4e-6
+        mid = 0.5 * (lo + hi)
+        if pairs.reuse(mid) < reuse:
+            lo = mid
+        else:
+            hi = mid
+    return 0.5 * (lo + hi)
+
+
+def resolve_routing(model: ModelSpec, cfg: RoutingConfig) -> RoutingPlan:
+    """Turn targets into generator parameters for ``model`` (ConfigError if unreachable)."""
+    cfg.validate()
+    E, K = model.num_experts, model.top_k
+    require(1 <= K <= E, "model.top_k", K, f"must be between 1 and num_experts={E}")
+    require(E <= np.iinfo(np.int16).max, "model.num_experts", E, "must be <= 32767 (int16 ids)")
+    popularity, reuse, affinity = FEATURES[cfg.kind]
+    target = cfg.popularity_max_over_mean if popularity else 1.0
+    sigma = popularity_scale(E, K, float(target))
+    chance, err = _chance_reuse(E, K, sigma)
+    q: Optional[float] = None
+    eta = 0.0
+    if reuse:
+        if cfg.reuse_prob is None:
+            q = min(MAX_DEFAULT_REUSE, max(MIXTRAL_REUSE_LIFT * K / E, chance))
+        else:
+            q = float(cfg.reuse_prob)
+            if q < chance - 3.0 * err - 1e-3:
+                raise ConfigError(
+                    f"workload.reuse_prob={cfg.reuse_prob!r} is below chance: independent tokens "
+                    f"already reuse {chance:.3f} (num_experts={E}, top_k={K}, "
+                    f"popularity_max_over_mean={target:g}); must be in [{chance:.3f}, 1]")
+        eta = keep_probability(E, K, sigma, q)
+    beta = 1.0 - math.exp(-cfg.affinity_strength) if affinity else 0.0
+    return RoutingPlan(kind=cfg.kind, num_experts=E, top_k=K, popularity_max_over_mean=float(target),
+                       popularity_scale=sigma, reuse_target=q, reuse_chance=chance,
+                       keep_prob=eta, inherit_prob=beta)
+
+
+# ---------------------------------------------------------------------------------------------
+# Generation
+
+
+def _smallest_k(keys: np.ndarray, top_k: int) -> np.ndarray:
+    """Indices of the ``top_k`` smallest keys along the last axis, in ascending key order (int16)."""
+    if top_k == 1:
+        return np.argmin(keys, axis=-1)[..., None].astype(np.int16)
+    if keys.shape[-1] <= 64:  # a full sort of short rows beats partition + sort
+        return np.argsort(keys, axis=-1)[..., :top_k].astype(np.int16)
+    if top_k < keys.shape[-1]:
+        idx = np.argpartition(keys, top_k - 1, axis=-1)[..., :top_k]
+        part = np.take_along_axis(keys, idx, axis=-1)
+    else:
+        idx, part = None, keys
+    order = np.argsort(part, axis=-1)
+    if idx is not None:
+        order = np.take_along_axis(idx, order, axis=-1)
+    return order.astype(np.int16)
+
+
+def _token_counts(token_counts: Sequence[int]) -> np.ndarray:
+    counts = []
+    for i, c in enumerate(token_counts):
+        if isinstance(c, (bool, np.bool_)) or not isinstance(c, (int, np.integer)) or c < 0:
+            raise ConfigError(f"token_counts[{i}]={c!r} is invalid; must be an integer >= 0")
+        counts.append(int(c))
+    return np.asarray(counts, dtype=np.int64)
+
+
+def generate_routing(model: ModelSpec, cfg: RoutingConfig, token_counts: Sequence[int],
+                     rng: np.random.Generator) -> list[np.ndarray]:
+    """Synthetic routing for requests of the given lengths (in token positions).
+
+    Returns one int16 array ``[token_counts[i], model.num_moe_layers, model.top_k]`` per request:
+    the top-k expert ids (distinct within a row, highest router score first) of each token position
+    at each MoE layer (ordinal m; absolute layer = ``model.moe_layers[m]``). Tokens of one request
+    are in order; temporal reuse runs along them and never crosses requests. All requests share
+    the layers' popularity and affinity tables (drawn from ``rng`` first). Deterministic in
+    (model, cfg, token_counts, rng state).
+    """
+    plan = resolve_routing(model, cfg)
+    counts = _token_counts(token_counts)
+    E, K, M = model.num_experts, model.top_k, model.num_moe_layers
+    eta, beta = plan.keep_prob, plan.inherit_prob
+
+    # Per-layer tables, drawn in a fixed order. Noise is stored in *lineage order*: column j of
+    # layer m holds expert lineage[m, j], and lineage[m, j]'s partner in layer m-1 is
+    # lineage[m-1, j], so inheriting is a same-column copy (no gather).
+    inv_w = np.ones((M, E))
+    if plan.popularity_scale > 0.0:
+        z = _profile(E)
+        for m in range(M):
+            inv_w[m] = np.exp(-plan.popularity_scale * z[rng.permutation(E)])
+    lineage = np.tile(np.arange(E, dtype=np.int16), (M, 1))
+    if beta > 0.0:
+        for m in range(1, M):
+            lineage[m] = rng.permutation(E)
+        inv_w = np.take_along_axis(inv_w, lineage.astype(np.intp), axis=1)
+    column_to_expert = lineage.reshape(-1)
+    layer_offset = (np.arange(M) * E)[:, None]
+
+    total = int(counts.sum())
+    out = np.empty((total, M, K), dtype=np.int16)
+    bounds = np.concatenate([[0], np.cumsum(counts)])
+    first = np.zeros(total, dtype=bool)  # row is the first token of its request
+    first[bounds[:-1][counts > 0]] = True
+
+    rows_per_chunk = max(1, _CHUNK_ELEMENTS // (M * E))
+    carry = np.zeros((M, E))  # noise of the previous row (for keeps across a chunk boundary)
+    for r0 in range(0, total, rows_per_chunk):
+        n = min(rows_per_chunk, total - r0)
+        x = rng.standard_exponential((n, M, E))  # renewal values
+        keep = None
+        if eta > 0.0 or beta > 0.0:
+            u = rng.random((n, M, E))
+            if eta > 0.0:
+                keep = u < eta
+                keep[first[r0:r0 + n]] = False
+            if beta > 0.0:
+                renewed = ~keep if keep is not None else np.ones((n, M, E), dtype=bool)
+                # Given a renewal (u >= eta) P(u < eta + (1-eta) beta) = beta; a request's first
+                # token renews regardless of u, so its coin is u < beta.
+                threshold = np.where(first[r0:r0 + n], beta, eta + (1.0 - eta) * beta)
+                take = renewed & (u < threshold[:, None, None])
+                take[:, 1:] &= renewed[:, :-1]  # the partner must have renewed at this token too
+                for m in range(1, M):  # layer m-1 is final when layer m reads it
+                    np.copyto(x[:, m], x[:, m - 1], where=take[:, m])
+        if keep is not None:
+            # Kept elements take token t-1's value (row -1 of this chunk is ``carry``).
+            np.copyto(x[0], carry, where=keep[0])
+            for i in range(1, n):
+                np.copyto(x[i], x[i - 1], where=keep[i])
+        carry = x[-1].copy()
+        columns = _smallest_k(x * inv_w, K)
+        if beta > 0.0:
+            out[r0:r0 + n] = column_to_expert[layer_offset + columns]
+        else:
+            out[r0:r0 + n] = columns
+    return [out[bounds[i]:bounds[i + 1]] for i in range(len(counts))]
+
+
+def generate_weights(experts: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    """Router weights for routing ``experts`` (``[..., K]``), for writing traces.
+
+    Each row is a uniform draw from the K-simplex sorted descending (so column 0, the top expert,
+    has the largest weight): float32, positive, summing to 1. The ids themselves are not used;
+    the weights carry no information about the routing.
+    """
+    experts = np.asarray(experts)
+    if experts.ndim == 0:
+        raise ConfigError(f"experts has shape {experts.shape}; expected [..., top_k]")
+    w = rng.standard_exponential(experts.shape) + 1e-12
+    w = -np.sort(-w, axis=-1)
+    w /= w.sum(axis=-1, keepdims=True)
+    return w.astype(np.float32)
