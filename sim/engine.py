@@ -17,6 +17,11 @@ What runs, in simulated time:
 * **Memory**: the expert cache has the slots the HBM budget allows (``sim.memory``); when a copy
   needs a slot and none is free, the policy names a victim. An expert that must run but gets no
   slot (every slot holds an expert the layer needs) is copied into a staging buffer and not cached.
+* **Host execution** (a policy answering ``on_miss -> "host"``, Fiddler): the expert's input
+  activations go GPU->host on the device-to-host copy engine, the host CPU (one job at a time)
+  runs the expert, and the outputs come back host->GPU on the copy engine at demand priority. The
+  GPU runs its other experts meanwhile and waits for host results before the combine
+  (``host_stall_s``).
 
 Events are spent only where something can wait: one timeout per MoE layer (up to its router),
 plus a wait and a timeout per missing expert; everything else is summed analytically.
@@ -39,10 +44,13 @@ from hw.devices import LinkSpec
 from hw.system import HOST, System, gpu_node
 from workloads.model import ModelSpec
 from workloads.requests import Request
+from workloads.validation import ConfigError
 
+from .future import RecordedFuture
 from .memory import ExpertCache, MemoryBudget, default_activation_bytes, plan_memory
 from .metrics import summarize
-from .policies.base import PolicyContext, Prefetch, PrefetchPolicy, RunOnHost, prefetch_policy_class
+from .policies.base import (PolicyContext, Prefetch, PrefetchConfig, PrefetchPolicy, RunOnHost, StepInfo,
+                            prefetch_policy_class)
 from .scenario import Scenario
 
 DEMAND_PRIORITY = 0
@@ -50,11 +58,17 @@ PREFETCH_PRIORITY_BASE = 1
 
 
 class CopyEngine:
-    """One direction of a link: copies run one at a time, lowest priority value first, FIFO within."""
+    """One direction of a link: copies run one at a time, lowest priority value first, FIFO within.
 
-    def __init__(self, env: simpy.Environment, link: LinkSpec, name: str, timeline: Optional[list]):
+    ``duration_s(nbytes)`` gives a job's length (a link transfer by default; the host CPU reuses
+    this queue with compute durations).
+    """
+
+    def __init__(self, env: simpy.Environment, link: Optional[LinkSpec], name: str, timeline: Optional[list],
+                 duration_s: Optional[Callable[[float], float]] = None):
         self.env = env
         self.link = link
+        self.duration_s = duration_s or link.transfer_s
         self.name = name
         self._queue: list = []
         self._seq = 0
@@ -81,11 +95,11 @@ class CopyEngine:
                 self._wake = None
             _, _, nbytes, done, on_done, label = heapq.heappop(self._queue)
             start = env.now
-            duration = self.link.transfer_s(nbytes)
+            duration = self.duration_s(nbytes)
             yield env.timeout(duration)
             self.busy_s += duration
             if self._timeline is not None:
-                self._timeline.append(_span(label, "copy", start, duration, self.name))
+                self._timeline.append(_span(label, "copy" if self.link else "host", start, duration, self.name))
             on_done()
             done.succeed()
 
@@ -121,14 +135,17 @@ class _Counter:
     def reset(self) -> None:
         self.demand_bytes = 0.0
         self.prefetch_bytes = 0.0
+        self.activation_bytes = 0.0  # host-run experts' outputs coming back to the GPU
         self.wasted_bytes = 0.0
+        self.prefetches = 0
 
 
 class Engine:
     """Runs one scenario over a list of requests and returns its records."""
 
     def __init__(self, scenario: Scenario, requests: list[Request], cost: Optional[CostModel] = None,
-                 policy: Optional[PrefetchPolicy] = None, progress: Optional[bool] = None):
+                 policy: Optional[PrefetchPolicy] = None, progress: Optional[bool] = None,
+                 record_routing: bool = False):
         self.scenario = scenario
         self.model: ModelSpec = scenario.model
         self.requests = sorted(requests, key=lambda r: (r.arrival_s, r.request_id))
@@ -147,9 +164,18 @@ class Engine:
         self.memory = plan_memory(self.model, gpu.memory_bytes, gpu.reserved_bytes, kv_tokens, act,
                                   scenario.prefetch.cache_scope, scenario.prefetch.capacity_per_layer,
                                   scenario.hw.name)
+        if self.policy.uses_predictions and any(r.predicted is None for r in self.requests):
+            raise ConfigError(
+                f"policy/prefetch={scenario.prefetch.name} needs predicted_experts in the router trace "
+                f"(record them with moesim-capture --predict lookahead); for traces without them use "
+                f"policy/prefetch=transition or speculating")
         if progress is None:
             progress = scenario.sim.progress if isinstance(scenario.sim.progress, bool) else sys.stderr.isatty()
         self._progress = progress
+        self._record = record_routing
+        self.recorded_passes: list[dict[int, list[int]]] = []
+        self.recorded_compositions: list[tuple[int, ...]] = []
+        self.future: Optional[RecordedFuture] = None
 
     # ------------------------------------------------------------------ run
     def run(self) -> RunResult:
@@ -159,13 +185,24 @@ class Engine:
         self.timeline: Optional[list] = [] if sc.sim.timeline else None
         gpu = gpu_node(sc.sim.gpu)
         (h2d_id,) = self.system.route(HOST, gpu)
-        self.copier = CopyEngine(env, self.system.links()[h2d_id], f"copy {HOST}->{gpu}", self.timeline)
+        (d2h_id,) = self.system.route(gpu, HOST)
+        links = self.system.links()
+        self.copier = CopyEngine(env, links[h2d_id], f"copy {HOST}->{gpu}", self.timeline)
+        self.d2h = CopyEngine(env, links[d2h_id], f"copy {gpu}->{HOST}", self.timeline)
+        self.host = CopyEngine(env, None, "host cpu", self.timeline, duration_s=self._host_expert_s)
         self.cache = ExpertCache(self.memory, self.model.moe_layers)
         initial = self.cache.initial_fill(self.model) if sc.sim.initial_residency == "fill" else []
         self.policy.reset(PolicyContext(self.model, self.memory.cache_scope, self.memory.slots_per_layer,
-                                        self.memory.total_slots, tuple(initial), sc.seed))
+                                        self.memory.total_slots, tuple(initial), sc.seed,
+                                        host_crossover_tokens(self.cost, self.model, links[h2d_id])))
+        if self.future is not None:
+            self.policy.set_future(self.future)
+        self._use_predictions = self.policy.uses_predictions
+        self._substitutes = self.policy.substitutes
+        self._just_finished: list[int] = []
         self._copy_events: dict = {}
-        self._unused_prefetch: set = set()
+        self._unused_prefetch: set = set()     # landed by a prefetch, not used yet
+        self._prefetch_in_flight: set = set()  # prefetch copies not landed yet
         self._bytes = _Counter()
         self._expert_s: dict[int, float] = {}
         self._step_rows: list[dict] = []
@@ -191,6 +228,10 @@ class Engine:
         summary["sim_wall_s"] = time.perf_counter() - wall0
         summary["events"] = events
         summary["copy_engine_busy_s"] = self.copier.busy_s
+        summary["host_cpu_busy_s"] = self.host.busy_s
+        summary.update(self.policy.report())
+        if self.future is not None:
+            summary["future_passes_overridden"] = self.future.overridden
         summary["expert_slots"] = self.memory.total_slots
         summary["expert_budget_bytes"] = self.memory.expert_budget_bytes
         summary.update(sc.choices())
@@ -249,6 +290,7 @@ class Engine:
             "request_id": req.request_id, "arrival_s": req.arrival_s, "prompt_len": req.prompt_len,
             "output_len": req.output_len, "first_token_s": r.first_token_s, "finish_s": now,
             "ttft_s": r.first_token_s - req.arrival_s, "tpot_s": tpot})
+        self._just_finished.append(req.request_id)
         if self._bar is not None:
             self._bar.update(1)
 
@@ -295,12 +337,24 @@ class Engine:
         counters = self._bytes
         counters.reset()
         self._step_index = step
-        plan = policy.on_step_begin(step, cache)
+        composition = tuple(r.req.request_id for r in batch)
+        if self._record:
+            self.recorded_passes.append({model.moe_layers[m]: ids for m, (ids, _) in enumerate(routing)})
+            self.recorded_compositions.append(composition)
+        if self.future is not None:
+            self.future.override(step, {model.moe_layers[m]: ids for m, (ids, _) in enumerate(routing)})
+        pred_rows = None
+        if self._use_predictions and all(r.req.predicted is not None for r in batch):
+            pred_rows = (np.stack([r.req.predicted[r.pos] for r in batch]) if phase == "decode"
+                         else np.concatenate([r.req.predicted[: r.req.prompt_len] for r in batch]))
+        plan = policy.on_step_begin(StepInfo(step, phase, composition, T, tuple(self._just_finished)), cache)
+        self._just_finished.clear()
         if plan:
             self._execute(plan)
 
-        attention_s = expert_s = other_s = stall_s = 0.0
-        hits = misses = late = 0
+        attention_s = expert_s = other_s = stall_s = host_stall_s = host_cpu_s = 0.0
+        hits = misses = late = useful = demand_loads = host_runs = 0
+        prefetches_before = counters.prefetches
         active: list[int] = []
         pending = cost.embed_s(model, T)
         other_s += pending
@@ -311,37 +365,76 @@ class Engine:
                 other_s += dense
                 continue
             ids, counts = routing[self._moe_index[layer]]
+            if self._substitutes:
+                ids, counts = policy.substitute(step, layer, ids, counts)
             active.append(len(ids))
             pending += attn + router
             attention_s += attn
             other_s += router + shared + combine
             yield env.timeout(pending)  # the router has run: routing is known from here on
             pending = 0.0
-            plan = policy.on_routed(step, layer, ids, None, cache)
+            predicted = None
+            if pred_rows is not None:
+                m = self._moe_index[layer]
+                if m + 1 < len(model.moe_layers):
+                    p = np.unique(pred_rows[:, m, :])
+                    predicted = {model.moe_layers[m + 1]: p[p >= 0].tolist()}
+            plan = policy.on_routed(step, layer, ids, predicted, cache, counts)
             if plan:
                 self._execute(plan)
             cache.pinned = {(layer, e) for e in ids}
             ready = shared
             waits = []
+            host_jobs = []
             for e, n in zip(ids, counts):
                 key = (layer, e)
-                t = self._expert_time(n)
-                expert_s += t
                 if key in cache.resident:
                     hits += 1
+                    t = self._expert_time(n)
+                    expert_s += t
                     ready += t
                     if key in self._unused_prefetch:
                         self._unused_prefetch.discard(key)
+                        useful += 1
+                    continue
+                misses += 1
+                ev = self._copy_events.get(key)
+                if ev is not None:
+                    late += 1
+                    if key in self._unused_prefetch or key in self._prefetch_in_flight:
+                        self._prefetch_in_flight.discard(key)
+                        useful += 1
+                elif policy.on_miss(layer, e, n, cache) == "host":
+                    host_runs += 1
+                    host_cpu_s += self._host_expert_s(n)
+                    host_jobs.append(env.process(self._run_on_host(key, n)))
+                    continue
                 else:
-                    misses += 1
-                    ev = self._copy_events.get(key)
-                    if ev is None:
-                        ev = self._demand_load(key)
-                    else:
-                        late += 1
-                        self._unused_prefetch.discard(key)
-                    waits.append((ev, t))
-            if waits:
+                    demand_loads += 1
+                    ev = self._demand_load(key)
+                t = self._expert_time(n)
+                expert_s += t
+                waits.append((ev, t))
+            if host_jobs:
+                acc = ready
+                for ev, t in waits:
+                    if acc > 0:
+                        yield env.timeout(acc)
+                        acc = 0.0
+                    if not ev.triggered:
+                        t0 = env.now
+                        yield ev
+                        stall_s += env.now - t0
+                    acc += t
+                if acc > 0:
+                    yield env.timeout(acc)
+                for job in host_jobs:
+                    if not job.triggered:
+                        t0 = env.now
+                        yield job
+                        host_stall_s += env.now - t0
+                pending = combine
+            elif waits:
                 acc = ready
                 for ev, t in waits:
                     if acc > 0:
@@ -369,9 +462,12 @@ class Engine:
             "step": step, "phase": phase, "start_s": start, "end_s": end, "duration_s": end - start,
             "batch_size": len(batch), "tokens": T, "attention_s": attention_s,
             "expert_compute_s": expert_s, "other_compute_s": other_s, "copy_stall_s": stall_s,
-            "h2d_bytes": counters.demand_bytes + counters.prefetch_bytes,
+            "host_stall_s": host_stall_s, "host_expert_s": host_cpu_s,
+            "h2d_bytes": counters.demand_bytes + counters.prefetch_bytes + counters.activation_bytes,
             "demand_bytes": counters.demand_bytes, "prefetch_bytes": counters.prefetch_bytes,
             "hits": hits, "misses": misses, "late_prefetches": late,
+            "prefetches": counters.prefetches - prefetches_before, "useful_prefetches": useful,
+            "demand_loads": demand_loads, "host_runs": host_runs,
             "wasted_prefetch_bytes": counters.wasted_bytes,
             "active_experts_mean": sum(active) / len(active), "active_experts_per_layer": active})
 
@@ -394,7 +490,8 @@ class Engine:
         def done() -> None:
             self._copy_events.pop(key, None)
             self.cache.land(key)
-            if prefetched:
+            if prefetched and key in self._prefetch_in_flight:
+                self._prefetch_in_flight.discard(key)
                 self._unused_prefetch.add(key)
             self.policy.on_copy_done(key[0], key[1], self.cache)
         return done
@@ -418,17 +515,53 @@ class Engine:
                 if not self._make_room(key):
                     continue
                 self._bytes.prefetch_bytes += self.model.expert_bytes
+                self._bytes.prefetches += 1
+                self._prefetch_in_flight.add(key)
                 ev = self.copier.submit(self.model.expert_bytes, PREFETCH_PRIORITY_BASE + action.priority,
                                         self._landed(key, True), f"L{key[0]} E{key[1]} prefetch")
                 self._copy_events[key] = ev
             elif isinstance(action, RunOnHost):
-                raise NotImplementedError("RunOnHost actions are not supported by this engine yet")
+                raise ValueError("RunOnHost is answered through on_miss(...) -> 'host', not planned ahead")
             else:
                 raise TypeError(f"unknown plan action {action!r}")
 
 
+    def _host_expert_s(self, tokens: float) -> float:
+        return self.cost.host_expert_s(self.model, int(tokens))
+
+    def _run_on_host(self, key, tokens: int):
+        """Fiddler: activations to the host, the expert on the CPU, outputs back to the GPU."""
+        nbytes = tokens * self.model.hidden_size * self.model.act_bytes_per_elem
+        self._bytes.activation_bytes += nbytes
+        yield self.d2h.submit(nbytes, DEMAND_PRIORITY, _nothing, f"L{key[0]} E{key[1]} acts out")
+        yield self.host.submit(tokens, DEMAND_PRIORITY, _nothing, f"L{key[0]} E{key[1]} on host")
+        yield self.copier.submit(nbytes, DEMAND_PRIORITY, _nothing, f"L{key[0]} E{key[1]} acts back")
+
+
 def _nothing() -> None:
     pass
+
+
+def host_crossover_tokens(cost: CostModel, model: ModelSpec, h2d: LinkSpec, limit: int = 1 << 16) -> Optional[int]:
+    """Smallest token count at which running an expert on the host is no faster than copying it
+    in and running it on the GPU (Fiddler's profiled crossover); None if the host always wins."""
+    copy_s = cost.copy_s(model.expert_bytes, h2d)
+
+    def host_wins(n: int) -> bool:
+        return cost.host_expert_s(model, n) < copy_s + cost.expert_s(model, n)
+
+    if not host_wins(1):
+        return 1
+    hi = 2
+    while hi <= limit and host_wins(hi):
+        hi *= 2
+    if hi > limit:
+        return None
+    lo = hi // 2  # host wins at lo, not at hi
+    while hi - lo > 1:
+        mid = (lo + hi) // 2
+        lo, hi = (mid, hi) if host_wins(mid) else (lo, mid)
+    return hi
 
 
 def _events_scheduled(env: simpy.Environment) -> int:
@@ -438,17 +571,34 @@ def _events_scheduled(env: simpy.Environment) -> int:
 
 
 STEP_COLUMNS = ["step", "phase", "start_s", "end_s", "duration_s", "batch_size", "tokens", "attention_s",
-                "expert_compute_s", "other_compute_s", "copy_stall_s", "h2d_bytes", "demand_bytes",
-                "prefetch_bytes", "hits", "misses", "late_prefetches", "wasted_prefetch_bytes",
+                "expert_compute_s", "other_compute_s", "copy_stall_s", "host_stall_s", "host_expert_s",
+                "h2d_bytes", "demand_bytes", "prefetch_bytes", "hits", "misses", "late_prefetches",
+                "prefetches", "useful_prefetches", "demand_loads", "host_runs", "wasted_prefetch_bytes",
                 "active_experts_mean", "active_experts_per_layer"]
 REQUEST_COLUMNS = ["request_id", "arrival_s", "prompt_len", "output_len", "first_token_s", "finish_s",
                    "ttft_s", "tpot_s"]
 
 
+def record_future(scenario: Scenario, requests: list[Request], cost: Optional[CostModel] = None) -> RecordedFuture:
+    """Run the scenario once with on-demand LRU and record every pass's routing (for oracles)."""
+    probe = Engine(scenario, requests, cost=cost, policy=prefetch_policy_class("lru")(
+        PrefetchConfig(name="lru", capacity_per_layer=scenario.prefetch.capacity_per_layer,
+                       cache_scope=scenario.prefetch.cache_scope)), progress=False, record_routing=True)
+    probe.run()
+    return RecordedFuture(probe.recorded_passes, probe.recorded_compositions)
+
+
 def simulate(scenario: Scenario, requests: Optional[list[Request]] = None, **kwargs) -> RunResult:
-    """Build the requests (unless given) and run the scenario."""
+    """Build the requests (unless given) and run the scenario.
+
+    A policy with ``needs_future`` gets the routing of every pass from a first, on-demand LRU run
+    of the same scenario (``record_future``).
+    """
     if requests is None:
         from workloads.requests import build_requests
 
         requests = build_requests(scenario.workload, scenario.model, scenario.seed)
-    return Engine(scenario, requests, **kwargs).run()
+    engine = Engine(scenario, requests, **kwargs)
+    if engine.policy.needs_future:
+        engine.future = record_future(scenario, requests, kwargs.get("cost"))
+    return engine.run()

@@ -2,10 +2,14 @@
 
 Step records (``steps.parquet``), one row per forward pass:
     step, phase (prefill|decode), start_s, end_s, duration_s, batch_size, tokens,
-    attention_s, expert_compute_s, other_compute_s, copy_stall_s (GPU idle waiting for copies; the
-    four add up to duration_s), h2d_bytes (issued in the step), demand_bytes, prefetch_bytes,
-    hits, misses, late_prefetches, wasted_prefetch_bytes, active_experts_mean,
-    active_experts_per_layer (list, one entry per MoE layer).
+    attention_s, expert_compute_s (routed experts on the GPU), other_compute_s, copy_stall_s (GPU
+    idle waiting for copies), host_stall_s (GPU idle waiting for experts run on the host; these five
+    add up to duration_s), host_expert_s (CPU time of host-run experts), h2d_bytes (issued in the
+    step: demand + prefetch + activations coming back from the host), demand_bytes,
+    prefetch_bytes, hits (needed experts resident when the layer routed), misses, late_prefetches
+    (misses already being prefetched), prefetches (issued), useful_prefetches (prefetched experts
+    used before eviction), demand_loads, host_runs, wasted_prefetch_bytes (prefetched experts
+    evicted unused), active_experts_mean, active_experts_per_layer (list, one per MoE layer).
 Request records (``requests.parquet``), one row per request:
     request_id, arrival_s, prompt_len, output_len, first_token_s, finish_s, ttft_s, tpot_s.
 """
@@ -38,8 +42,13 @@ def summarize(steps: pd.DataFrame, requests: pd.DataFrame) -> dict[str, Any]:
     decode_tokens: tokens produced by decode passes. expert_hit_rate: hits / (hits + misses) over
     all passes, an access being one (layer, expert) a pass needs. mean_active_experts: distinct
     experts per MoE layer per decode pass, averaged over decode passes (prefill passes are in
-    mean_active_experts_prefill).
+    mean_active_experts_prefill). prefetch_precision: useful prefetches / prefetches issued;
+    prefetch_recall: useful prefetches / (useful prefetches + demand loads), i.e. the share of
+    needed-but-not-resident experts that a prefetch had asked for.
     """
+    prefetches = float(steps["prefetches"].sum())
+    useful = float(steps["useful_prefetches"].sum())
+    demand = float(steps["demand_loads"].sum())
     decode = steps[steps["phase"] == "decode"]
     prefill = steps[steps["phase"] == "prefill"]
     accesses = float(steps["hits"].sum() + steps["misses"].sum())
@@ -64,6 +73,11 @@ def summarize(steps: pd.DataFrame, requests: pd.DataFrame) -> dict[str, Any]:
         "prefetch_bytes": float(steps["prefetch_bytes"].sum()),
         "wasted_prefetch_bytes": float(steps["wasted_prefetch_bytes"].sum()),
         "copy_stall_s": float(steps["copy_stall_s"].sum()),
+        "host_stall_s": float(steps["host_stall_s"].sum()),
+        "host_runs": int(steps["host_runs"].sum()),
+        "prefetches": int(prefetches),
+        "prefetch_precision": useful / prefetches if prefetches else float("nan"),
+        "prefetch_recall": useful / (useful + demand) if useful + demand else float("nan"),
         "attention_s": float(steps["attention_s"].sum()),
         "expert_compute_s": float(steps["expert_compute_s"].sum()),
         "mean_active_experts": _mean(decode["active_experts_mean"]),

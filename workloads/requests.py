@@ -76,6 +76,8 @@ class Request:
     prompt_len: int
     output_len: int
     experts: np.ndarray  # int16 [prompt_len + output_len - 1, num_moe_layers, top_k]
+    # Optional: at [t, m, :] the experts predicted for MoE layer m+1 from layer m's state (-1 = none).
+    predicted: Optional[np.ndarray] = None
 
     def __post_init__(self) -> None:
         expected = self.prompt_len + self.output_len - 1
@@ -109,7 +111,7 @@ def build_requests(cfg: WorkloadConfig, model: ModelSpec, seed: int) -> list[Req
 
         routed = load_trace_requests(cfg.path, model, on_ragged=cfg.on_ragged, limit=cfg.num_requests)
         arrivals = arrival_times_s(len(routed), cfg, rng)
-        return [Request(r.request_id, float(a), r.prompt_len, r.output_len, r.experts)
+        return [Request(r.request_id, float(a), r.prompt_len, r.output_len, r.experts, r.predicted)
                 for r, a in zip(routed, arrivals)]
 
     from .synthetic import RoutingConfig, generate_routing

@@ -254,6 +254,12 @@ def requests_to_frame(requests: Sequence, model: ModelSpec,
     if weights is not None:
         cols["weights"] = pa.ListArray.from_arrays(
             offsets, pa.array(np.concatenate(ws) if ws else np.zeros(0, np.float32)))
+    preds = [getattr(req, "predicted", None) for req in requests]
+    if requests and all(p is not None for p in preds):
+        flat = np.concatenate([np.asarray(p, dtype=np.int16).reshape(-1, K) for p in preds])
+        keep = flat >= 0  # -1 pads "nothing predicted" (e.g. the last MoE layer)
+        pred_offsets = pa.array(np.r_[0, np.cumsum(keep.sum(axis=1))].astype(np.int32))
+        cols["predicted_experts"] = pa.ListArray.from_arrays(pred_offsets, pa.array(flat[keep]))
     return _table_to_frame(pa.table(cols))
 
 
@@ -519,6 +525,22 @@ class RoutedRequest:
     prompt_len: int
     output_len: int
     experts: np.ndarray
+    predicted: Optional[np.ndarray] = None  # int16 [T, M, K], -1 where nothing was predicted
+
+
+def _predicted_matrix(table: pa.Table, K: int, E: int) -> Optional[np.ndarray]:
+    """``predicted_experts`` as an int16 ``[rows, K]`` matrix padded with -1 (None if absent)."""
+    if "predicted_experts" not in table.column_names:
+        return None
+    n = table.num_rows
+    lengths, values, parents = _list_parts(table.column("predicted_experts"), -1)
+    out = np.full((n, K), -1, dtype=np.int16)
+    if values.size:
+        starts = np.r_[0, np.cumsum(np.maximum(lengths, 0))[:-1]]
+        rank = np.arange(values.size) - starts[parents]
+        ok = (rank < K) & (values >= 0) & (values < E)
+        out[parents[ok], rank[ok]] = values[ok]
+    return out
 
 
 def load_trace_requests(path, model: ModelSpec, on_ragged: Literal["error", "truncate"] = "error",
@@ -588,6 +610,9 @@ def load_trace_requests(path, model: ModelSpec, on_ragged: Literal["error", "tru
     rows = np.flatnonzero(keep_rows)
     rows = rows[np.lexsort((moe[rows], token[rows], req[rows]))]
     experts = a.experts[rows].astype(np.int16, copy=False)
+    predicted = _predicted_matrix(table, K, meta.num_experts)
+    if predicted is not None:
+        predicted = predicted[rows]
     prefill_rows = np.bincount(req[rows][~a.decode[rows]], minlength=R)
     bounds = np.r_[0, np.cumsum(prefix * M)]
 
@@ -600,7 +625,8 @@ def load_trace_requests(path, model: ModelSpec, on_ragged: Literal["error", "tru
         if prompt == 0:
             prompt = 1
         ex = experts[bounds[i]:bounds[i + 1]].reshape(T, M, K)
-        out.append(RoutedRequest(int(a.request_ids[i]), prompt, T - prompt + 1, ex))
+        pred = None if predicted is None else predicted[bounds[i]:bounds[i + 1]].reshape(T, M, K)
+        out.append(RoutedRequest(int(a.request_ids[i]), prompt, T - prompt + 1, ex, pred))
     if ragged:
         dropped = R - len(out)
         span = np.zeros(R, dtype=np.int64)

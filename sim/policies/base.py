@@ -11,13 +11,20 @@ Lifecycle, per engine run::
 
     reset(ctx)
     for each forward pass (a "step"):
-        plan = on_step_begin(step, cache)                  # e.g. prefetch the first MoE layer
+        plan = on_step_begin(info, cache)                  # info: StepInfo (step, phase, requests)
         for each MoE layer, once its router has run:
-            plan = on_routed(step, layer, experts, predicted, cache)
-            # the engine loads missing experts on demand; when it needs a slot it asks
+            plan = on_routed(step, layer, experts, predicted, cache, counts=...)
+            for each needed expert that is neither resident nor being copied:
+                on_miss(layer, expert, tokens, cache) -> "load" | "host"
+            # a load that finds no free slot asks
             victim(layer, incoming, cache) -> ExpertKey | None
         on_copy_done(layer, expert, cache)                 # whenever a copy into a cache slot lands
         on_step_end(step, cache)
+
+Knowledge a policy may use: what it was told (routing so far, predictions the trace or a predictor
+supplies, copies landed). Policies that model a predictor with known accuracy, or that are bounds
+(``needs_future = True``), additionally get a ``FutureRouting`` through ``set_future``: the routing
+of the current pass, and of the passes after it as scheduled in a first run of the same scenario.
 """
 
 from __future__ import annotations
@@ -65,6 +72,28 @@ class CacheView(Protocol):
 
 
 @dataclass(frozen=True)
+class StepInfo:
+    """A forward pass about to run: its index, phase and the requests (ids) in it."""
+
+    step: int
+    phase: Literal["prefill", "decode"]
+    request_ids: tuple[int, ...]
+    tokens: int
+    finished: tuple[int, ...] = ()   # requests that completed since the previous pass
+
+
+class FutureRouting(Protocol):
+    """Routing known ahead of time (oracle-style policies only)."""
+
+    def experts(self, step: int, layer: int) -> Sequence[int]:
+        """Distinct experts MoE ``layer`` needs in pass ``step`` (ascending; empty past the end)."""
+    def next_use(self, layer: int, expert: int, after_step: int) -> float:
+        """First pass index > ``after_step`` in which ``layer`` needs ``expert`` (inf if never)."""
+    @property
+    def num_steps(self) -> int: ...
+
+
+@dataclass(frozen=True)
 class PolicyContext:
     """What a policy knows before the run starts.
 
@@ -79,6 +108,9 @@ class PolicyContext:
     total_slots: int
     initial_resident: tuple[ExpertKey, ...]
     seed: int = 0
+    # Token count below which an expert runs faster on the host CPU than it can be copied and run
+    # on the GPU (from the cost model, as Fiddler profiles it); None = never.
+    host_crossover_tokens: Optional[int] = None
 
 
 @dataclass(frozen=True)
@@ -96,24 +128,42 @@ class PrefetchConfig:
 
 
 class PrefetchPolicy:
-    """Base class: on-demand loading, no prefetch, no eviction preference. Subclasses override."""
+    """Base class: on-demand loading, no prefetch, no eviction preference. Subclasses override.
+
+    Class attributes an engine reads: ``needs_future`` (call ``set_future`` before the run),
+    ``uses_predictions`` (pass the trace's ``predicted_experts`` to ``on_routed``).
+    """
 
     name: str = "base"
     Config: type = PrefetchConfig
+    needs_future: bool = False
+    uses_predictions: bool = False
+    substitutes: bool = False   # True: the engine runs substitute(...)'s experts instead of the router's
 
     def __init__(self, config: PrefetchConfig):
         self.config = config
         self.ctx: Optional[PolicyContext] = None
+        self.future: Optional[FutureRouting] = None
 
     def reset(self, ctx: PolicyContext) -> None:
         self.ctx = ctx
 
-    def on_step_begin(self, step: int, cache: CacheView) -> Plan:
+    def set_future(self, future: FutureRouting) -> None:
+        self.future = future
+
+    def on_step_begin(self, info: StepInfo, cache: CacheView) -> Plan:
         return NO_PLAN
 
     def on_routed(self, step: int, layer: int, experts: Sequence[int],
-                  predicted: Optional[Mapping[int, Sequence[int]]], cache: CacheView) -> Plan:
+                  predicted: Optional[Mapping[int, Sequence[int]]], cache: CacheView,
+                  counts: Optional[Sequence[int]] = None) -> Plan:
+        """``experts``: distinct experts this pass needs at ``layer`` (ascending); ``counts``: tokens
+        routed to each; ``predicted``: {later layer: experts predicted for it} when known."""
         return NO_PLAN
+
+    def on_miss(self, layer: int, expert: int, tokens: int, cache: CacheView) -> Literal["load", "host"]:
+        """Where a needed expert that is neither resident nor on its way runs: copy it in, or host CPU."""
+        return "load"
 
     def victim(self, layer: int, incoming: int, cache: CacheView) -> Optional[ExpertKey]:
         """The resident expert to evict so ``(layer, incoming)`` can be cached; None = do not cache it."""
@@ -124,6 +174,15 @@ class PrefetchPolicy:
 
     def on_step_end(self, step: int, cache: CacheView) -> None:
         pass
+
+    def substitute(self, step: int, layer: int, experts: Sequence[int],
+                   counts: Sequence[int]) -> tuple[list[int], list[int]]:
+        """Lossy policies only: the experts (and tokens per expert) the layer really runs."""
+        return list(experts), list(counts)
+
+    def report(self) -> dict:
+        """Policy-specific figures for summary.json (keys start with ``policy_``)."""
+        return {}
 
 
 PREFETCH_POLICIES: dict[str, type[PrefetchPolicy]] = {}
