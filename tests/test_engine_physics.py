@@ -139,7 +139,7 @@ def test_step_time_is_the_sum_of_its_parts_and_runs_are_deterministic():
     a = simulate(compose_scenario(overrides))
     b = simulate(compose_scenario(overrides))
     s = a.steps
-    parts = s.attention_s + s.expert_compute_s + s.other_compute_s + s.copy_stall_s
+    parts = s.attention_s + s.expert_compute_s + s.other_compute_s + s.copy_stall_s + s.host_stall_s
     np.testing.assert_allclose(parts, s.duration_s, rtol=1e-9)
     assert a.steps.equals(b.steps)
     assert a.requests.equals(b.requests)

@@ -39,6 +39,10 @@ class WorkloadConfig:
     popularity_max_over_mean: float = 1.34
     reuse_prob: Optional[float] = None  # null = derived from the Mixtral measurement (see synthetic.py)
     affinity_strength: float = 1.0
+    # Gate-lookahead predictions stored with synthetic routing (read by policy/prefetch=lookahead):
+    # chance each expert of layer l+1 is among those predicted at layer l; null = none stored.
+    # 0.85: mixtral-offloading (arXiv 2312.17238) reports guesses one layer ahead right 80-90% of the time.
+    lookahead_accuracy: Optional[float] = 0.85
     # Trace replay.
     path: Optional[str] = None
     on_ragged: Literal["error", "truncate"] = "error"
@@ -57,6 +61,9 @@ class WorkloadConfig:
         if self.reuse_prob is not None:
             require(0.0 <= self.reuse_prob <= 1.0, f"{key}.reuse_prob", self.reuse_prob, "must be in [0, 1]")
         require(self.affinity_strength >= 0.0, f"{key}.affinity_strength", self.affinity_strength, "must be >= 0")
+        if self.lookahead_accuracy is not None:
+            require(0.0 <= self.lookahead_accuracy <= 1.0, f"{key}.lookahead_accuracy", self.lookahead_accuracy,
+                    "must be in [0, 1] or null")
         if self.kind == "trace":
             require(bool(self.path), f"{key}.path", self.path, "set it to a router-trace Parquet file")
         require(self.prompt_len <= self.max_prefill_tokens, f"{key}.prompt_len", self.prompt_len,
@@ -114,7 +121,7 @@ def build_requests(cfg: WorkloadConfig, model: ModelSpec, seed: int) -> list[Req
         return [Request(r.request_id, float(a), r.prompt_len, r.output_len, r.experts, r.predicted)
                 for r, a in zip(routed, arrivals)]
 
-    from .synthetic import RoutingConfig, generate_routing
+    from .synthetic import RoutingConfig, generate_routing, lookahead_predictions
 
     n = cfg.num_requests or 1
     prompt = _lengths(cfg.prompt_len, n, cfg, rng)
@@ -123,4 +130,9 @@ def build_requests(cfg: WorkloadConfig, model: ModelSpec, seed: int) -> list[Req
     arrivals = arrival_times_s(n, cfg, rng)
     routing_cfg = RoutingConfig.from_workload(cfg)
     routing = generate_routing(model, routing_cfg, [int(p + o - 1) for p, o in zip(prompt, output)], rng)
-    return [Request(i, float(arrivals[i]), int(prompt[i]), int(output[i]), routing[i]) for i in range(n)]
+    predicted: list = [None] * n
+    if cfg.lookahead_accuracy is not None:
+        pred_rng = np.random.default_rng([seed, 0x10A4])  # its own stream: routing stays as without it
+        predicted = [lookahead_predictions(r, cfg.lookahead_accuracy, model.num_experts, pred_rng) for r in routing]
+    return [Request(i, float(arrivals[i]), int(prompt[i]), int(output[i]), routing[i], predicted[i])
+            for i in range(n)]

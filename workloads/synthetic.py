@@ -440,3 +440,39 @@ def generate_weights(experts: np.ndarray, rng: np.random.Generator) -> np.ndarra
     w = -np.sort(-w, axis=-1)
     w /= w.sum(axis=-1, keepdims=True)
     return w.astype(np.float32)
+
+
+def lookahead_predictions(experts: np.ndarray, accuracy: float, num_experts: int,
+                          rng: np.random.Generator) -> np.ndarray:
+    """Gate-lookahead predictions for a routed request, from an accuracy model.
+
+    ``experts`` is ``[T, M, K]``. Returns int16 ``[T, M, K]`` where row ``[t, m]`` is the prediction,
+    made at MoE layer m, of layer m+1's experts: each of layer m+1's true experts is kept with
+    probability ``accuracy``, otherwise replaced by a uniformly random expert outside the true set
+    (and distinct within the row). The last MoE layer predicts nothing (-1). This stands in for
+    applying layer m+1's router to layer m's hidden state when no captured trace is at hand.
+    """
+    T, M, K = experts.shape
+    out = np.full((T, M, K), -1, dtype=np.int16)
+    if M < 2 or T == 0:
+        return out
+    true = experts[:, 1:, :].astype(np.int64)              # [T, M-1, K]
+    pred = true.copy()
+    wrong = rng.random(true.shape) >= accuracy
+    if num_experts > K and wrong.any():
+        rows = true.reshape(-1, K)
+        p = pred.reshape(-1, K)
+        w = wrong.reshape(-1, K)
+        for r in np.flatnonzero(w.any(axis=1)):
+            taken = set(rows[r].tolist())
+            for k in np.flatnonzero(w[r]):
+                free = num_experts - len(taken)
+                if free <= 0:
+                    break
+                # the j-th expert (ascending) that is not taken, j uniform
+                j = int(rng.integers(free))
+                cand = next(x for i, x in enumerate(x for x in range(num_experts) if x not in taken) if i == j)
+                p[r, k] = cand
+                taken.add(cand)
+    out[:, :-1, :] = pred
+    return out
