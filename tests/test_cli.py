@@ -51,6 +51,16 @@ def test_multirun_sweep_writes_one_summary_per_job(tmp_path):
     assert rows.batch_size.tolist() == [1, 3]
     # Batching three requests finishes the same work sooner.
     assert rows.throughput_tok_s.iloc[1] > rows.throughput_tok_s.iloc[0]
+    # moesim-report gathers the sweep into one table, varying key first, and plots it.
+    from sim.report import main as report
+
+    sweep_dir = summaries[0].parent.parent
+    assert report([str(sweep_dir)]) == 0
+    table = pd.read_csv(sweep_dir / "report.csv")
+    assert table["workload.batch_size"].tolist() == [1, 3]
+    assert table.tpot_s.tolist() == rows.tpot_s.tolist()
+    assert (sweep_dir / "report_tpot_s.png").stat().st_size > 1000
+    assert report([str(tmp_path / "nothing-here")]) == 2
 
 
 def _trace_for(model_name: str, path: Path) -> None:
