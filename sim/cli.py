@@ -82,6 +82,9 @@ def summary_table(s: dict) -> str:
         ("expert hit rate", _fmt(s["expert_hit_rate"], 100, " %", 1)),
         ("bytes over PCIe (H2D)", _fmt(s["h2d_bytes"], 1e-9, " GB", 2)),
         ("copy stall", _fmt(s["copy_stall_s"], 1, " s")),
+        ("prefetch precision / recall", f"{_fmt(s['prefetch_precision'], 1, '', 2)} / {_fmt(s['prefetch_recall'], 1, '', 2)}"
+         f" (wasted {_fmt(s['wasted_prefetch_bytes'], 1e-9, ' GB', 2)})"),
+        ("experts run on host", str(s["host_runs"])),
         ("mean active experts", _fmt(s["mean_active_experts"], 1, "", 2)),
         ("simulated time", _fmt(s["simulated_time_s"], 1, " s")),
         ("simulation wall time", _fmt(s["sim_wall_s"], 1, " s", 2) + f" ({s['events']} events)"),
