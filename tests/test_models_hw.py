@@ -21,6 +21,11 @@ PUBLISHED = {
     "gpt_oss_20b": (20.9, 3.6),
     "gpt_oss_120b": (116.8, 5.1),
     "deepseek_moe_16b": (16.4, 2.8),
+    # Model card: 8B total (the checkpoint holds 8.52B), 2.2B active. The spec models the
+    # mixture-of-attention heads as plain attention (conf/model/jetmoe_8b.yaml), which leaves out
+    # the 6 unselected attention experts per layer, 24 * 6 * 2 * 2048^2 = 1.21B params; compare
+    # the total against what remains. The active count is unaffected.
+    "jetmoe_8b": (8.52 - 1.21, 2.2),
 }
 
 
