@@ -8,7 +8,8 @@ What runs, in simulated time:
   tokens; at least one request); otherwise it is a decode pass of every running request.
 * **A layer** is attention, then (MoE layers) the router, then every expert the pass selected.
   After the router, the prefetch policy is told the routing and may plan prefetches; experts that
-  are not resident are copied from host memory on demand. Resident experts (and shared experts)
+  are not resident are copied from host memory on demand (those copies are queued first, then the
+  planned prefetches). Resident experts (and shared experts)
   compute first, then each missing expert as soon as its copy has landed, in the order the copies
   were issued. Time the stream waits for a copy is *copy stall*.
 * **The copy engine** (``CopyEngine``) is the host->GPU direction of the host link, its own
@@ -379,10 +380,8 @@ class Engine:
                 if m + 1 < len(model.moe_layers):
                     p = np.unique(pred_rows[:, m, :])
                     predicted = {model.moe_layers[m + 1]: p[p >= 0].tolist()}
+            cache.pinned = {(layer, e) for e in ids}  # from here on, nothing this layer needs is evicted
             plan = policy.on_routed(step, layer, ids, predicted, cache, counts)
-            if plan:
-                self._execute(plan)
-            cache.pinned = {(layer, e) for e in ids}
             ready = shared
             waits = []
             host_jobs = []
@@ -415,6 +414,8 @@ class Engine:
                 t = self._expert_time(n)
                 expert_s += t
                 waits.append((ev, t))
+            if plan:  # prefetches queue behind this layer's demand loads, issued just above
+                self._execute(plan)
             if host_jobs:
                 acc = ready
                 for ev, t in waits:

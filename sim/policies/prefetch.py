@@ -483,15 +483,17 @@ class Fiddler(LRU):
 # ---------------------------------------------------------------------------------------------- the bound
 @register_prefetch("oracle")
 class Oracle(PrefetchPolicy):
-    """Belady's MIN eviction with perfect prefetch: the bound the other policies are measured against.
+    """The bound: Belady's MIN (with bypass) for what is cached, plus perfect prefetch of its loads.
 
-    Time is measured in layer-steps (pass index x MoE layers + layer position). Eviction: the
-    evictable expert of the pool whose next use is farthest (never = infinity; ties -> lowest key);
-    a demand load whose own next use is farther than that is not cached (bypass). Prefetch: at the
-    start of each pass and after every layer routes, walk the upcoming accesses (the next
-    ``num_moe_layers`` layer-steps) in time order and prefetch each missing expert as long as a
-    slot is free or the Belady victim is next needed later than it; nearer accesses get higher
-    copy priority.
+    Before the run, the policy replays the recorded future through MIN: at every layer-step (pass
+    p, MoE layer l) the needed experts S are hits if cached; each missing expert, in ascending id
+    order, takes a free slot, or replaces the cached expert not in S whose next use is farthest,
+    unless its own next use is farther still (then it is streamed and not cached). That fixes
+    every copy MIN makes and its victim, so the oracle never copies more than MIN. At run time the
+    oracle issues each of MIN's cached loads as a prefetch as early as it safely can: when its
+    slot is free or its victim is not needed again before the load's layer-step (looking one pass
+    ahead), nearer layer-steps first. Demand loads follow MIN's decisions too. Pass-level timing
+    decides whether a prefetch lands in time; its hit count is MIN's when copies are fast.
     """
 
     needs_future = True
@@ -502,65 +504,98 @@ class Oracle(PrefetchPolicy):
         self._index = ctx.model.moe_layer_index
         self._M = len(self._layers)
         self._per_layer = ctx.cache_scope == "per_layer"
-        self._resident: dict[int, set[ExpertKey]] = defaultdict(set)
-        for key in ctx.initial_resident:
-            self._resident[self._bucket(key[0])].add(key)
+        self._initial = ctx.initial_resident
         self._now = (0, -1)  # (pass, MoE-layer position) last routed
+        self._decisions: dict[tuple[int, int], dict[int, Optional[ExpertKey]]] = {}
+        self._pending: dict[ExpertKey, Optional[ExpertKey]] = {}
 
     def _bucket(self, layer: int) -> int:
         return layer if self._per_layer else -1
 
+    def _time(self, step: float, layer: int) -> float:
+        return step * self._M + self._index[layer] if step != math.inf else math.inf
+
+    def set_future(self, future) -> None:
+        super().set_future(future)
+        self._plan_min()
+
+    def _plan_min(self) -> None:
+        """Replay MIN with bypass over the recorded future; remember each cached load's victim."""
+        ctx, fut = self.ctx, self.future
+        capacity = {}
+        cached: dict[int, set] = defaultdict(set)
+        for key in self._initial:
+            cached[self._bucket(key[0])].add(key)
+        for layer in self._layers:
+            b = self._bucket(layer)
+            capacity[b] = ctx.slots_per_layer if self._per_layer else ctx.total_slots
+        for step in range(fut.num_steps):
+            for layer in self._layers:
+                needed = fut.experts(step, layer)
+                if not needed:
+                    continue
+                b = self._bucket(layer)
+                pool = cached[b]
+                S = {(layer, e) for e in needed}
+                loads: dict[int, Optional[ExpertKey]] = {}
+                for e in needed:
+                    key = (layer, e)
+                    if key in pool:
+                        continue
+                    if len(pool) < capacity[b]:
+                        pool.add(key)
+                        loads[e] = None
+                        continue
+                    victim, t_victim = None, -1.0
+                    for other in sorted(pool - S):
+                        t = self._time(fut.next_use(other[0], other[1], step), other[0])
+                        if t > t_victim:
+                            victim, t_victim = other, t
+                    if victim is None or self._time(fut.next_use(layer, e, step), layer) > t_victim:
+                        continue  # streamed, not cached
+                    pool.discard(victim)
+                    pool.add(key)
+                    loads[e] = victim
+                if loads:
+                    self._decisions[(step, layer)] = loads
+
     def _next_use_time(self, key: ExpertKey) -> float:
-        """Layer-step of the next access of ``key`` strictly after the current position."""
+        """Layer-step of the next access of ``key`` from now on (the running layer counts)."""
         step, pos = self._now
         m = self._index[key[0]]
-        after = step - 1 if m > pos else step
-        s = self.future.next_use(key[0], key[1], after)
-        return s * self._M + m if s != math.inf else math.inf
-
-    def _belady(self, layer: int, cache: CacheView) -> tuple[Optional[ExpertKey], float]:
-        best, best_t = None, -1.0
-        for key in sorted(self._resident[self._bucket(layer)]):
-            if cache.can_evict(*key):
-                t = self._next_use_time(key)
-                if t > best_t:
-                    best, best_t = key, t
-        return best, best_t
+        after = step - 1 if m >= pos else step
+        return self._time(self.future.next_use(key[0], key[1], after), key[0])
 
     def victim(self, layer: int, incoming: int, cache: CacheView) -> Optional[ExpertKey]:
-        key, t = self._belady(layer, cache)
-        if key is None or self._next_use_time((layer, incoming)) > t:
-            return None
-        self._resident[self._bucket(layer)].discard(key)
-        return key
-
-    def on_copy_done(self, layer: int, expert: int, cache: CacheView) -> None:
-        self._resident[self._bucket(layer)].add((layer, expert))
+        key = (layer, incoming)
+        if key in self._pending:  # a prefetch of one of MIN's loads
+            v = self._pending.pop(key)
+            return v if v is not None and cache.can_evict(*v) else None
+        loads = self._decisions.get((self._now[0], layer), {})
+        if incoming not in loads:
+            return None  # MIN streams it (or expected it cached): do not cache
+        v = loads[incoming]
+        return v if v is not None and cache.can_evict(*v) else None
 
     def _plan(self, cache: CacheView) -> Plan:
         step, pos = self._now
+        now = step * self._M + pos
         plan: list = []
-        planned: set = set()
-        free = {}
         for d in range(1, self._M + 1):
             s, m = (step, pos + d) if pos + d < self._M else (step + 1, pos + d - self._M)
             layer = self._layers[m]
-            for e in self.future.experts(s, layer):
+            for e, v in self._decisions.get((s, layer), {}).items():
                 key = (layer, e)
-                if key in planned or cache.is_resident(layer, e) or cache.is_in_flight(layer, e):
+                if key in self._pending or cache.is_resident(layer, e) or cache.is_in_flight(layer, e):
                     continue
-                b = self._bucket(layer)
-                if b not in free:
-                    free[b] = cache.free_slots(layer)
-                if free[b] > 0:
-                    free[b] -= 1
-                else:
-                    victim, t = self._belady(layer, cache)
-                    if victim is None or t <= s * self._M + m:
+                if v is None:
+                    if cache.free_slots(layer) <= len([k for k in self._pending if self._bucket(k[0]) ==
+                                                       self._bucket(layer) and self._pending[k] is None]):
                         continue
-                    # the engine asks victim() when it needs the slot; Belady answers the same key
+                elif not cache.can_evict(*v) or self._next_use_time(v) < now + d:
+                    continue  # the victim is still needed before this load's layer-step
+                self._pending[key] = v
                 plan.append(Prefetch(layer, e, priority=d))
-                planned.add(key)
         return tuple(plan)
 
     def on_step_begin(self, info: StepInfo, cache) -> Plan:
@@ -569,4 +604,5 @@ class Oracle(PrefetchPolicy):
 
     def on_routed(self, step, layer, experts, predicted, cache, counts=None) -> Plan:
         self._now = (step, self._index[layer])
+        self._pending.clear()  # the engine has executed (or dropped) every earlier plan
         return self._plan(cache)
