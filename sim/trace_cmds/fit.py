@@ -106,7 +106,7 @@ def register(subparsers) -> None:
     p.add_argument("-o", "--output", required=True, metavar="PARAMS.yaml", help="where to write the parameters")
     p.add_argument("--seed", type=int, default=0, help="seed of the calibration simulations (0)")
     p.add_argument("--replicates", type=int, metavar="R",
-                   help="generated copies of the trace per calibration step (default: 4..32 by size)")
+                   help="generated copies of the trace per calibration step (default: 8..32 by size)")
     p.add_argument("--priority", choices=PRIORITIES, default="reuse",
                    help="when the generator cannot reach both the trace's reuse and its cross-layer "
                         "affinity: keep the reuse (default) or lower it until the affinity fits")
