@@ -108,3 +108,20 @@ def test_trace_replay_matches_the_synthetic_run_it_was_written_from(tmp_path):
     b = pd.read_parquet(tmp_path / "replay" / "steps.parquet")
     pd.testing.assert_frame_equal(a, b)
     assert np.isclose(a.duration_s.sum(), b.duration_s.sum())
+
+
+def test_policy_comparison_sweep_gathers_into_one_table(tmp_path):
+    from sim.report import main as report
+
+    out = moesim(tmp_path, "-m", "policy/prefetch=lru,lookahead,transition,oracle,fiddler",
+                 "workload.num_requests=2", "workload.prompt_len=8", "workload.output_len=6", "sim.progress=false")
+    assert out.returncode == 0, out.stderr
+    (sweep_dir,) = tmp_path.glob("multirun/*/*")
+    assert report([str(sweep_dir)]) == 0
+    table = pd.read_csv(sweep_dir / "report.csv")
+    assert sorted(table["policy/prefetch"]) == ["fiddler", "lookahead", "lru", "oracle", "transition"]
+    for column in ("expert_hit_rate", "prefetch_precision", "prefetch_recall", "h2d_bytes",
+                   "wasted_prefetch_bytes", "copy_stall_s", "tpot_s"):
+        assert column in table
+    oracle = table.set_index("policy/prefetch").loc["oracle"]
+    assert (table.expert_hit_rate <= oracle.expert_hit_rate + 1e-12).all()

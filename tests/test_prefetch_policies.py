@@ -154,3 +154,35 @@ def test_oracle_evicts_the_farthest_next_use_and_bypasses_the_useless():
     # Belady's victim would be expert 2 (next at pass 7), but 3 is needed later still (never): bypass.
     assert oracle.victim(0, 3, cache) is None
     assert math.isinf(future.next_use(0, 3, 5))
+
+
+def test_transition_table_fitted_on_other_requests_predicts_better_than_learning_online(tmp_path):
+    from workloads.trace import TraceMeta, requests_to_frame, write_trace
+
+    sc = compose_scenario(["model=olmoe_1b_7b", "workload.num_requests=12", "workload.prompt_len=16",
+                           "workload.output_len=64"])
+    reqs = build_requests(sc.workload, sc.model, 1)  # one synthetic "model": same popularity and affinity
+    meta = TraceMeta.for_model(sc.model, "test")
+    write_trace(tmp_path / "fit.parquet", requests_to_frame(reqs[:8], sc.model), meta)
+    write_trace(tmp_path / "run.parquet", requests_to_frame(reqs[8:], sc.model), meta)
+    base = ["model=olmoe_1b_7b", "hw=t4", "workload=trace", f"workload.path={tmp_path / 'run.parquet'}",
+            "sim.progress=false", "policy/prefetch=transition", "policy.prefetch.capacity_per_layer=16"]
+    online = simulate(compose_scenario(base)).summary
+    fitted = simulate(compose_scenario([*base, f"policy.prefetch.fit_path={tmp_path / 'fit.parquet'}",
+                                        "policy.prefetch.online=false"])).summary
+    assert fitted["prefetch_precision"] > online["prefetch_precision"] + 0.05
+    assert fitted["prefetch_recall"] > online["prefetch_recall"] + 0.05
+    # A table from a model with other shapes is refused in one line.
+    with pytest.raises(Exception, match="num_experts"):
+        simulate(compose_scenario([*base[:4], "model=olmoe_1b_7b", "sim.progress=false", "policy/prefetch=transition",
+                                   f"policy.prefetch.fit_path={_mixtral_trace(tmp_path)}"]))
+
+
+def _mixtral_trace(tmp_path):
+    from workloads.trace import TraceMeta, requests_to_frame, write_trace
+
+    sc = compose_scenario(["workload.num_requests=1", "workload.prompt_len=4", "workload.output_len=2"])
+    path = tmp_path / "mixtral.parquet"
+    write_trace(path, requests_to_frame(build_requests(sc.workload, sc.model, 0), sc.model),
+                TraceMeta.for_model(sc.model, "test"))
+    return path
