@@ -33,7 +33,7 @@ from __future__ import annotations
 import heapq
 import sys
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Callable, Optional
 
 import numpy as np
@@ -53,6 +53,7 @@ from .metrics import summarize
 from .policies.base import (PolicyContext, Prefetch, PrefetchConfig, PrefetchPolicy, RunOnHost, StepInfo,
                             prefetch_policy_class)
 from .scenario import Scenario
+from .scheduler import BatchScheduler, RunningRequest
 
 DEMAND_PRIORITY = 0
 PREFETCH_PRIORITY_BASE = 1
@@ -108,14 +109,6 @@ class CopyEngine:
 def _span(name: str, cat: str, start_s: float, dur_s: float, track: str) -> dict:
     return {"name": name, "cat": cat, "ph": "X", "ts": start_s * 1e6, "dur": dur_s * 1e6,
             "pid": 1, "tid": track}
-
-
-@dataclass
-class _Running:
-    req: Request
-    pos: int = 0                 # next token position to feed
-    generated: int = 0
-    first_token_s: float = float("nan")
 
 
 @dataclass
@@ -242,48 +235,19 @@ class Engine:
     def _serve(self):
         env = self.env
         wl = self.scenario.workload
-        pending = list(self.requests)  # sorted by arrival
-        nxt = 0
-        waiting: list[Request] = []
-        running: list[_Running] = []
+        sched = BatchScheduler(self.requests, wl.batch_size, wl.max_prefill_tokens)
         step = 0
-        while nxt < len(pending) or waiting or running:
-            while nxt < len(pending) and pending[nxt].arrival_s <= env.now:
-                waiting.append(pending[nxt])
-                nxt += 1
-            if not waiting and not running:
-                yield env.timeout(pending[nxt].arrival_s - env.now)
+        while not sched.done():
+            p = sched.next_pass(env.now)
+            if p is None:
+                yield env.timeout(sched.next_arrival_s() - env.now)
                 continue
-            if waiting and len(running) < wl.batch_size:
-                batch: list[_Running] = []
-                tokens = 0
-                while waiting and len(running) + len(batch) < wl.batch_size:
-                    if batch and tokens + waiting[0].prompt_len > wl.max_prefill_tokens:
-                        break
-                    req = waiting.pop(0)
-                    tokens += req.prompt_len
-                    batch.append(_Running(req))
-                yield from self._forward("prefill", batch, step)
-                for r in batch:
-                    r.first_token_s = env.now
-                    r.generated = 1
-                    r.pos = r.req.prompt_len
-                    running.append(r)
-            else:
-                yield from self._forward("decode", running, step)
-                for r in running:
-                    r.generated += 1
-                    r.pos += 1
+            yield from self._forward(p.phase, p.batch, step)
+            for r in sched.complete(p, env.now):
+                self._finish(r)
             step += 1
-            still = []
-            for r in running:
-                if r.generated >= r.req.output_len:
-                    self._finish(r)
-                else:
-                    still.append(r)
-            running = still
 
-    def _finish(self, r: _Running) -> None:
+    def _finish(self, r: RunningRequest) -> None:
         now = self.env.now
         req = r.req
         tpot = (now - r.first_token_s) / (req.output_len - 1) if req.output_len > 1 else float("nan")
@@ -316,7 +280,7 @@ class Engine:
             t = self._expert_s[tokens] = self.cost.expert_s(self.model, tokens)
         return t
 
-    def _forward(self, phase: str, batch: list[_Running], step: int):
+    def _forward(self, phase: str, batch: list[RunningRequest], step: int):
         env, model, cost, cache, policy = self.env, self.model, self.cost, self.cache, self.policy
         start = env.now
         if phase == "decode":

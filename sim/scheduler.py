@@ -1,0 +1,83 @@
+"""Continuous batching: which requests the next forward pass carries. Pure logic, shared by engines.
+
+Both the SimPy engine (simulated time) and the real executor (wall-clock time) ask the same
+``BatchScheduler``: when requests wait and fewer than ``batch_size`` run, the next pass is a
+prefill of waiting requests (prefill first, as vLLM schedules; at most ``max_prefill_tokens``
+prompt tokens, at least one request); otherwise it is a decode pass of every running request.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Literal, Optional, Sequence
+
+from workloads.requests import Request
+
+
+@dataclass
+class RunningRequest:
+    """A request being served: the next token position to feed and how many tokens it generated."""
+
+    req: Request
+    pos: int = 0
+    generated: int = 0
+    first_token_s: float = float("nan")
+
+
+@dataclass
+class Pass:
+    """One forward pass: its phase and the requests in it."""
+
+    phase: Literal["prefill", "decode"]
+    batch: list[RunningRequest] = field(default_factory=list)
+
+
+class BatchScheduler:
+    def __init__(self, requests: Sequence[Request], batch_size: int, max_prefill_tokens: int):
+        self._pending = sorted(requests, key=lambda r: (r.arrival_s, r.request_id))
+        self._next = 0
+        self._waiting: list[Request] = []
+        self._running: list[RunningRequest] = []
+        self.batch_size = batch_size
+        self.max_prefill_tokens = max_prefill_tokens
+
+    def done(self) -> bool:
+        return self._next >= len(self._pending) and not self._waiting and not self._running
+
+    def next_arrival_s(self) -> Optional[float]:
+        return self._pending[self._next].arrival_s if self._next < len(self._pending) else None
+
+    def next_pass(self, now_s: float) -> Optional[Pass]:
+        """The pass to run at ``now_s``; None when nothing has arrived yet (idle until next_arrival_s)."""
+        while self._next < len(self._pending) and self._pending[self._next].arrival_s <= now_s:
+            self._waiting.append(self._pending[self._next])
+            self._next += 1
+        if not self._waiting and not self._running:
+            return None
+        if self._waiting and len(self._running) < self.batch_size:
+            batch: list[RunningRequest] = []
+            tokens = 0
+            while self._waiting and len(self._running) + len(batch) < self.batch_size:
+                if batch and tokens + self._waiting[0].prompt_len > self.max_prefill_tokens:
+                    break
+                req = self._waiting.pop(0)
+                tokens += req.prompt_len
+                batch.append(RunningRequest(req))
+            return Pass("prefill", batch)
+        return Pass("decode", list(self._running))
+
+    def complete(self, p: Pass, now_s: float) -> list[RunningRequest]:
+        """Account for a finished pass; returns the requests that are now complete."""
+        if p.phase == "prefill":
+            for r in p.batch:
+                r.first_token_s = now_s
+                r.generated = 1
+                r.pos = r.req.prompt_len
+                self._running.append(r)
+        else:
+            for r in p.batch:
+                r.generated += 1
+                r.pos += 1
+        finished = [r for r in self._running if r.generated >= r.req.output_len]
+        self._running = [r for r in self._running if r.generated < r.req.output_len]
+        return finished
