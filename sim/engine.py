@@ -142,7 +142,7 @@ class Engine:
                  record_routing: bool = False):
         self.scenario = scenario
         self.model: ModelSpec = scenario.model
-        self.requests = sorted(requests, key=lambda r: (r.arrival_s, r.request_id))
+        self.requests = sorted(requests, key=lambda r: r.arrival_s)  # stable: ties keep the given (trace) order
         self.system = System(scenario.hw)
         self.cost: CostModel = cost or Roofline(scenario.hw.gpu, scenario.hw.cpu)
         self.policy = policy or prefetch_policy_class(scenario.prefetch.name)(scenario.prefetch)

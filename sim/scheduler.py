@@ -34,7 +34,7 @@ class Pass:
 
 class BatchScheduler:
     def __init__(self, requests: Sequence[Request], batch_size: int, max_prefill_tokens: int):
-        self._pending = sorted(requests, key=lambda r: (r.arrival_s, r.request_id))
+        self._pending = sorted(requests, key=lambda r: r.arrival_s)  # stable: ties keep the given order
         self._next = 0
         self._waiting: list[Request] = []
         self._running: list[RunningRequest] = []
