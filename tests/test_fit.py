@@ -136,8 +136,9 @@ def test_deepseek_fit_identity_lengths_and_knobs(deepseek):
     fit = params["fit"]
     assert fit["observed"]["popularity_median"] == pytest.approx(3.3103, abs=1e-4)
     assert fit["expected"]["popularity_median"] == pytest.approx(3.3103, abs=0.06)
-    # the generator cannot give this much cross-layer affinity together with this much reuse
-    assert fit["saturated"] == ["affinity_strength"] and any("affinity" in n for n in fit["notes"])
+    # reuse and cross-layer affinity are reached together: nothing saturates, no caveats
+    assert fit["saturated"] == [] and fit["notes"] == []
+    assert 0 < wl["affinity_strength"] < 8
 
 
 GROUPS = 20  # generated copies of the trace's 10 request lengths (200 requests)
@@ -172,9 +173,11 @@ def deepseek_comparison(deepseek):
 
 def test_deepseek_generated_trace_reproduces_fitted_statistics(deepseek_comparison):
     real, gen, sd = deepseek_comparison
-    # Tolerances: at 87 tokens one sample of median-over-layers max/mean has sd ~0.1, so the mean
-    # of 20 generated samples is within ~0.022 of the generator's expectation, which the fit's
-    # 27-replicate calibration set to the trace's value within ~0.02: 3 sd of the sum is ~0.09.
+    # Tolerances: at 87 tokens one sample of median-over-layers max/mean has sd ~0.1. The 20
+    # generated samples share one generator call's popularity tables, and with strong cross-layer
+    # attachment the layers share noise, so their mean spreads more around the fit's expectation
+    # than 20 independent samples would: over generation seeds 1-8 the gap to the trace ran from
+    # -0.025 to +0.074 (seed 1, used here: +0.074). Stated tolerance 0.1.
     assert sd["popularity"] == pytest.approx(0.1, abs=0.05)
     assert gen["popularity"] == pytest.approx(real["popularity"], abs=0.1)
     # reuse: one sample's sd ~0.006 (77 position pairs x 6 x 27 layers), 20 samples -> 0.0013,
@@ -204,35 +207,36 @@ def test_deepseek_generated_trace_reproduces_lru_curve(deepseek_comparison):
     assert (np.diff(gen["lru"]) >= 0).all()
 
 
-@pytest.mark.xfail(strict=True, reason="the generator's temporal keeps take priority over "
-                   "cross-layer inheritance: with the trace's reuse (0.26) it reaches an affinity "
-                   "excess of ~0.12 at most, the trace has 0.23 (fit notes say so); "
-                   "priority=affinity trades reuse for affinity")
 def test_deepseek_generated_trace_reproduces_affinity(deepseek_comparison):
     real, gen, sd = deepseek_comparison
-    assert gen["affinity_excess"] == pytest.approx(real["affinity_excess"], abs=0.015)
-
-
-def test_deepseek_priority_affinity_reproduces_affinity(deepseek):
-    reqs, trace, _, _ = deepseek
-    requests = load_trace_requests(trace, model_for_trace(DEEPSEEK_ID, 64, 6, 28, range(1, 28)))
-    res = fit_trace(requests, TraceMeta(DEEPSEEK_ID, 64, 6, 28, tuple(range(1, 28))), priority="affinity",
-                    replicates=16)
-    params = res.params()
-    wl = params["workload"]
-    assert wl["routing"] in ("affinity", "realistic") and 0 < wl["affinity_strength"] < 8
-    assert any("priority=affinity" in n for n in res.notes)
-    real = group_statistics(reqs)
-    gen, sd = generated_statistics(params, reqs)
-    # affinity excess: one sample's sd ~0.007, 20 samples -> 0.0016, calibration (16 replicates)
+    # affinity excess: one sample's sd ~0.007, 20 samples -> 0.0016, calibration (27 replicates)
     # ~0.002: 0.015 is ~5 sd
     assert gen["affinity_excess"] == pytest.approx(real["affinity_excess"], abs=0.015)
     # the top-successor probability itself: the independence baseline differs by ~0.013 (the
     # shape of the popularity profile), so 0.025
     assert gen["affinity"] == pytest.approx(real["affinity"], abs=0.025)
-    assert gen["popularity"] == pytest.approx(real["popularity"], abs=0.1)
-    # ... at the price of reuse, which falls to (or near) chance
-    assert gen["reuse"] < real["reuse"] - 0.05
+
+
+def test_priority_affinity_trades_reuse_when_affinity_saturates():
+    # A trace beyond the generator's reach: strong affinity (inheritance ~1) with every token
+    # repeated 6 times (reuse ~0.87), where the excess the generator reads at full strength is
+    # lower than at low reuse. The default keeps the reuse and says the affinity saturated;
+    # priority=affinity gives up reuse and gets closer.
+    reqs, meta = synthetic_trace("affinity", 2.0, None, 8.0, tokens=10)
+    reqs = [RoutedRequest(r.request_id, 30, 31, np.repeat(r.experts, 6, axis=0)) for r in reqs]
+    default = fit_trace(reqs, meta, replicates=8)
+    q_obs = default.observed["reuse"]
+    assert q_obs > 0.8
+    assert default.details["saturated"] == ["affinity_strength"]
+    assert any("priority=affinity trades reuse" in n for n in default.notes)
+    assert default.workload()["reuse_prob"] == pytest.approx(q_obs, abs=1e-4)
+    traded = fit_trace(reqs, meta, replicates=8, priority="affinity")
+    assert any(n.startswith("priority=affinity: reuse_prob lowered") for n in traded.notes)
+    wl = traded.workload()
+    assert wl["reuse_prob"] is None or wl["reuse_prob"] < q_obs - 0.05
+    assert traded.expected["affinity_excess"] > default.expected["affinity_excess"] + 0.01
+    assert traded.expected["popularity_median"] == pytest.approx(traded.observed["popularity_median"],
+                                                                 abs=0.05)
 
 
 # ------------------------------------------------------------------ params.yaml, overrides, generate

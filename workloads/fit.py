@@ -18,11 +18,14 @@ What is fitted, and how (statistics as defined in ``workloads.trace_stats``):
 * ``affinity_strength`` -- the affinity *excess* (top-successor probability minus its independence
   baseline) is matched by simulation at the trace's sample size, like popularity, with the two
   other knobs fixed. Off when the trace's excess is within two standard deviations of what the
-  generator gives without affinity. The generator's temporal keeps take priority over
-  cross-layer inheritance (an element kept from token t-1 cannot inherit), so with strong reuse
-  the reachable excess is bounded; the fit then stops at ``MAX_AFFINITY_STRENGTH`` and says so
+  generator gives without affinity. Reuse and affinity are matched jointly: the generator's
+  temporal keeps follow the cross-layer attachments, so its reuse equals ``reuse_prob`` whatever
+  the strength, and full strength makes every layer share the same noise. The excess is still
+  bounded (popular experts of consecutive layers are not aligned, and the statistic read at high
+  reuse falls somewhat); beyond that bound the fit stops at ``MAX_AFFINITY_STRENGTH`` and says so
   (``fit.notes``, ``fit.saturated``), or with ``priority="affinity"`` lowers ``reuse_prob`` until
-  the excess is reachable (popularity is then refitted).
+  the excess is reachable, or switches reuse off if even that does not reach it (popularity is
+  then refitted).
 * The routing kind is the ``synthetic.FEATURES`` row of the features switched on (reuse or affinity
   without popularity uses popularity_max_over_mean = 1, i.e. exactly uniform popularity).
 * Lengths: ``num_requests``, ``prompt_len`` and ``output_len`` (means rounded half up; ``output_len =
@@ -318,10 +321,10 @@ def fit_trace(requests, meta: TraceMeta, *, seed: int = 0, replicates: Optional[
 
     ``requests``: RoutedRequest-like objects (``experts [T, M, K]``, ``prompt_len``) of a trace
     with metadata ``meta``. ``replicates``: generated copies of the trace's sample unit per
-    evaluation (default: as many as fit in ``CALIBRATION_ELEMENTS``, 8..32). ``priority``: when
-    the generator cannot reach both the trace's reuse and its affinity, keep the reuse (``reuse``,
-    default: it drives expert-cache hit rates) or lower it until the affinity is reachable
-    (``affinity``). Deterministic in seed.
+    evaluation (default: as many as fit in ``CALIBRATION_ELEMENTS``, 8..32). ``priority``: only
+    when the trace's affinity is beyond the generator's reach at the trace's reuse (which lowers
+    the reach somewhat), keep the reuse (``reuse``, default: it drives expert-cache hit rates) or
+    lower it until the affinity is reachable (``affinity``). Deterministic in seed.
     """
     if priority not in PRIORITIES:
         raise ConfigError(f"priority={priority!r} is not allowed; choose one of: {', '.join(PRIORITIES)}")
@@ -440,7 +443,8 @@ def fit_trace(requests, meta: TraceMeta, *, seed: int = 0, replicates: Optional[
                 q_new = reuse_for(p, lowered.x - 1e-3)
             notes.append(f"priority=affinity: reuse_prob lowered from {q_obs:.3f} to "
                          f"{'chance (off)' if q_new is None else format(q_new, '.3f')} so that the "
-                         f"trace's affinity excess {obs_exc:.3f} is reachable")
+                         f"trace's affinity excess {obs_exc:.3f} is reachable"
+                         + (" (it is not even then: this gets closest)" if f_min < obs_exc else ""))
             p, p_slope = fit_popularity(q_new if q_new is not None else float("nan"), s_nominal, p)
             q = reuse_for(p, q_new if q_new is not None else float("nan"))
             sol = fit_affinity(p, q)
@@ -449,8 +453,8 @@ def fit_trace(requests, meta: TraceMeta, *, seed: int = 0, replicates: Optional[
             sat.append("affinity_strength")
             notes.append(
                 f"affinity: the trace's excess {obs_exc:.3f} is beyond the generator's reach with "
-                f"reuse_prob={q if q is None else round(q, 3)} (temporal keeps take priority over "
-                f"cross-layer inheritance): affinity_strength={MAX_AFFINITY_STRENGTH:g} gives "
+                f"reuse_prob={q if q is None else round(q, 3)} and this popularity: "
+                f"affinity_strength={MAX_AFFINITY_STRENGTH:g} (every layer sharing its noise) gives "
                 f"{sol.value:.3f}; using that"
                 + (" (priority=affinity trades reuse for affinity)" if priority == "reuse" and q else ""))
     s = _strength(beta)

@@ -43,26 +43,40 @@ picked by more than every token). Without popularity, ``w_m = 1``.
 
 Temporal reuse and affinity act on the noise, never on ``w``, in a way that keeps every token's
 noise vector i.i.d. Exp(1); each layer's marginal routing is therefore exactly the Plackett-Luce
-law above, whatever the other features do (popularity stays on target):
+law above, whatever the other features do (popularity stays on target). Layer m (m >= 1) has a
+random bijection ``partner_m`` from its experts to the experts of MoE layer m-1 (drawn from
+``rng``); element ``X[t, m, e]``'s partner is ``X[t, m-1, partner_m[e]]``. Per element:
 
-* Keep: for token t > 0 of a request, each noise element ``X[t, m, e]`` is kept from token t-1
-  (same layer, same expert) with probability ``eta``; otherwise it is *renewed*. The first token of
-  a request renews everything. A renewed element is a fresh Exp(1) draw unless it inherits (next).
-* Inherit (affinity): layer m (m >= 1) has a random bijection ``partner_m`` from its experts to the
-  experts of MoE layer m-1 (drawn from ``rng``). A renewed element ``X[t, m, e]`` takes the value of
-  ``X[t, m-1, partner_m[e]]`` with probability ``beta = 1 - exp(-affinity_strength)``, provided
-  that partner element was itself renewed at token t (otherwise it draws fresh). A token that chose
-  expert ``partner_m[e]`` at layer m-1 thus had a small noise value there, which makes expert e
-  likely at layer m: each expert of layer m-1 has one preferred successor in layer m.
-  ``affinity_strength`` is this inheritance strength (0 = off, 1 -> beta = 0.63, large -> 1); an
-  element inherits with overall probability ``beta * (1 - eta)^2`` for t > 0 and ``beta`` at t = 0.
-* Why it is exact: each keep/inherit step copies a value along a fixed lineage (same expert in time,
-  ``partner`` across layers), and different experts of one (token, layer) have different lineages,
-  so their values are independent Exp(1) draws. Between tokens t-1 and t of one layer, an element
-  is identical with probability exactly ``eta`` (kept) and otherwise independent (a renewed element
-  only ever holds a value first drawn at token t). So ``reuse_prob`` depends on ``eta`` and the
-  popularity profile only; ``eta`` is found by bisection on a fixed-seed Monte Carlo of exactly
-  this pair law (about 0.5M noise elements; error ~0.002 or less).
+* Attach (affinity): at m >= 1 the element is *attached* to its partner with probability
+  ``beta = 1 - exp(-affinity_strength)`` (its own coin; layer 0 never attaches).
+* Keep (reuse): the first token of a request keeps nothing. For t > 0 an unattached element (and
+  every element of layer 0) is kept from token t-1 (same layer, same expert) with probability
+  ``eta`` (its own coin); an attached element is kept iff its partner is kept.
+* Value: a kept element takes its value at token t-1. A renewed element takes its partner's value
+  if attached (the partner renewed too, so that value was first drawn at token t), else a fresh
+  Exp(1) draw.
+* Why it is exact: each copy runs along a fixed lineage (same expert in time, ``partner`` across
+  layers), and different experts of one (token, layer) have different lineages, so their values
+  are independent Exp(1) draws and their coins are independent. By induction over layers every
+  element (t > 0) is kept with probability exactly ``eta``, and a renewed element only ever holds a
+  value first drawn at token t. So between tokens t-1 and t of one layer an element is identical
+  with probability exactly ``eta`` (independently over experts) and otherwise independent,
+  whatever ``beta`` is: ``reuse_prob`` depends on ``eta`` and the popularity profile only; ``eta``
+  is found by bisection on a fixed-seed Monte Carlo of exactly this pair law (about 0.5M noise
+  elements; error ~0.002 or less).
+* Affinity: a token that chose expert ``partner_m[e]`` at layer m-1 had a small noise value there,
+  which makes expert e likely at layer m when the two elements are equal: each expert of layer m-1
+  has one preferred successor in layer m. An element equals its partner with probability
+  ``v_t``: ``v_0 = beta`` at a request's first token and ``v_t = beta (1 - eta) + (beta eta +
+  (1 - beta) eta^2) v_{t-1}`` (an attached element that renews is equal; a kept element whose
+  partner is kept too -- always so when attached -- is equal iff it was at t-1; any other is not),
+  which tends to ``beta (1 - eta) / (1 - beta eta - (1 - beta) eta^2)``. At ``beta -> 1`` every
+  layer carries the same noise (up to the partner relabelling) whatever ``eta`` is, so reuse does
+  not cap the cross-layer coupling (the affinity statistic read on a finite sample still falls
+  somewhat at high reuse, with fewer independent tokens per sample).
+  ``affinity_strength`` is this attachment strength (0 = off, 1 -> beta = 0.63, large -> 1); what
+  it gives in the affinity *statistic* (``trace_stats``) depends on the popularity profiles and
+  the sample, and is matched by simulation (``workloads.fit``), not in closed form.
 
 Reuse target. ``reuse_prob=None`` means the public Mixtral-8x7B measurement (traces/SOURCES.md):
 reuse 0.38 where chance is K/E = 0.25, a lift of 1.52 over chance; we use
@@ -73,9 +87,10 @@ anti-correlation) and is a ConfigError.
 Calibration is deterministic (fixed internal seed, independent of ``rng``, which it does not
 consume) and cached per (E, K, targets). Generation works on chunks of ~131k noise elements
 (tokens of all requests back to back); inside a chunk everything is vectorised except one masked
-copy per layer (affinity on) and one per token (reuse on). Cost is about 10-25 ns per
-(token, MoE layer, expert) noise element: 64 requests x 640 tokens of Mixtral (32 layers, 8
-experts) take ~0.35 s, DeepSeek-V3-sized layers (58 x 256 experts) ~0.4 s per 1,000 tokens.
+copy per layer (affinity on; two when reuse is on too) and one per token (reuse on). Cost is about
+10-25 ns per (token, MoE layer, expert) noise element: 64 requests x 640 tokens of Mixtral (32
+layers, 8 experts) take ~0.45 s with every feature on (~0.25 s with reuse or affinity alone),
+DeepSeek-V3-sized layers (58 x 256 experts) ~0.45 s per 1,000 tokens.
 """
 
 from __future__ import annotations
@@ -119,7 +134,7 @@ class RoutingConfig:
     ``popularity_max_over_mean``: expected load of a layer's busiest expert over the mean load
     (dimensionless, >= 1, < E/K). ``reuse_prob``: target P(an expert of token t was used by token
     t-1 at the same layer), None = derived from the Mixtral measurement. ``affinity_strength``:
-    cross-layer inheritance strength (>= 0; the probability is ``1 - exp(-affinity_strength)``).
+    cross-layer attachment strength (>= 0; the probability is ``1 - exp(-affinity_strength)``).
     """
 
     kind: RoutingKind = "realistic"
@@ -153,7 +168,7 @@ class RoutingPlan:
     ``reuse_target``: the reuse probability aimed at (None when reuse is off).
     ``reuse_chance``: the reuse popularity alone gives (K/E without popularity).
     ``keep_prob``: eta, P(a noise element is kept from token t-1).
-    ``inherit_prob``: beta, P(a renewed noise element inherits from its partner in layer m-1).
+    ``inherit_prob``: beta, P(a noise element is attached to its partner in layer m-1).
     """
 
     kind: str
@@ -400,17 +415,25 @@ def generate_routing(model: ModelSpec, cfg: RoutingConfig, token_counts: Sequenc
         keep = None
         if eta > 0.0 or beta > 0.0:
             u = rng.random((n, M, E))
-            if eta > 0.0:
-                keep = u < eta
-                keep[first[r0:r0 + n]] = False
+            first_rows = first[r0:r0 + n]
+            attach = None
             if beta > 0.0:
-                renewed = ~keep if keep is not None else np.ones((n, M, E), dtype=bool)
-                # Given a renewal (u >= eta) P(u < eta + (1-eta) beta) = beta; a request's first
-                # token renews regardless of u, so its coin is u < beta.
-                threshold = np.where(first[r0:r0 + n], beta, eta + (1.0 - eta) * beta)
-                take = renewed & (u < threshold[:, None, None])
-                take[:, 1:] &= renewed[:, :-1]  # the partner must have renewed at this token too
-                for m in range(1, M):  # layer m-1 is final when layer m reads it
+                attach = u < beta
+                attach[:, 0] = False  # layer 0 has no partner
+            if eta > 0.0:
+                # own keep coin: P(u < eta) at layer 0; given no attachment (u >= beta) at the
+                # other layers, P(u < beta + (1-beta) eta) = eta
+                keep = u < eta
+                if beta > 0.0:
+                    keep[:, 1:] = ~attach[:, 1:] & (u[:, 1:] < beta + (1.0 - beta) * eta)
+                    for m in range(1, M):  # an attached element keeps iff its partner keeps
+                        np.copyto(keep[:, m], keep[:, m - 1], where=attach[:, m])
+                keep[first_rows] = False
+            if beta > 0.0:
+                # an attached element that renews takes its partner's renewal value (the partner
+                # renews too); layer m-1 is final when layer m reads it
+                take = attach if keep is None else attach & ~keep
+                for m in range(1, M):
                     np.copyto(x[:, m], x[:, m - 1], where=take[:, m])
         if keep is not None:
             # Kept elements take token t-1's value (row -1 of this chunk is ``carry``).

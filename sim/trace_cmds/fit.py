@@ -108,8 +108,9 @@ def register(subparsers) -> None:
     p.add_argument("--replicates", type=int, metavar="R",
                    help="generated copies of the trace per calibration step (default: 8..32 by size)")
     p.add_argument("--priority", choices=PRIORITIES, default="reuse",
-                   help="when the generator cannot reach both the trace's reuse and its cross-layer "
-                        "affinity: keep the reuse (default) or lower it until the affinity fits")
+                   help="only when the trace's cross-layer affinity is beyond the generator's reach "
+                        "at the trace's reuse: keep the reuse (default) or lower it until the "
+                        "affinity fits")
     p.add_argument("--on-ragged", choices=("error", "truncate"), default="error",
                    help="requests with missing records: fail (default) or keep each request's "
                         "longest complete prefix")
