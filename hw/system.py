@@ -10,7 +10,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from functools import lru_cache
-from typing import Optional
+from pathlib import Path
+from typing import Literal, Optional
 
 import networkx as nx
 
@@ -35,9 +36,19 @@ class SystemSpec:
     host_link: LinkSpec
     num_gpus: int = 1
     gpu_link: Optional[LinkSpec] = None   # all-to-all fabric (NVLink switch) between GPUs
+    cost_model: Literal["roofline", "table"] = "roofline"  # table: measured by moesim-profile (hw.table)
+    profile_dir: Optional[str] = None     # the tables' directory (cost_model=table)
+    profile_copy: Literal["idle", "contended"] = "idle"  # which measured copy curve the table uses
 
     def validate(self, key: str = "hw") -> None:
         positive(self, key, "num_gpus")
+        if self.cost_model == "table":
+            from .table import PROFILE_HEADER
+
+            require(self.profile_dir is not None, f"{key}.profile_dir", None,
+                    f"{key}.cost_model=table needs the directory moesim-profile wrote (e.g. profiles/cpu)")
+            require((Path(self.profile_dir) / PROFILE_HEADER).is_file(), f"{key}.profile_dir", self.profile_dir,
+                    f"holds no cost tables ({PROFILE_HEADER}); run moesim-profile -o {self.profile_dir} first")
         if self.num_gpus > 1:
             require(self.gpu_link is not None, f"{key}.gpu_link", None,
                     "a system with num_gpus > 1 needs a gpu_link (e.g. hw/link@hw.gpu_link=nvlink4)")

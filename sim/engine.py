@@ -40,9 +40,10 @@ import numpy as np
 import pandas as pd
 import simpy
 
-from hw.cost import BatchShape, CostModel, Roofline
+from hw.cost import BatchShape, CostModel
 from hw.devices import LinkSpec
 from hw.system import HOST, System, gpu_node
+from hw.table import cost_model_for
 from workloads.model import ModelSpec
 from workloads.requests import Request
 from workloads.validation import ConfigError
@@ -144,7 +145,7 @@ class Engine:
         self.model: ModelSpec = scenario.model
         self.requests = sorted(requests, key=lambda r: r.arrival_s)  # stable: ties keep the given (trace) order
         self.system = System(scenario.hw)
-        self.cost: CostModel = cost or Roofline(scenario.hw.gpu, scenario.hw.cpu)
+        self.cost: CostModel = cost or cost_model_for(scenario.hw, self.model)
         self.policy = policy or prefetch_policy_class(scenario.prefetch.name)(scenario.prefetch)
         wl = scenario.workload
         longest = max((r.prompt_len + r.output_len for r in self.requests), default=0)
@@ -181,8 +182,11 @@ class Engine:
         (h2d_id,) = self.system.route(HOST, gpu)
         (d2h_id,) = self.system.route(gpu, HOST)
         links = self.system.links()
-        self.copier = CopyEngine(env, links[h2d_id], f"copy {HOST}->{gpu}", self.timeline)
-        self.d2h = CopyEngine(env, links[d2h_id], f"copy {gpu}->{HOST}", self.timeline)
+        h2d, d2h = links[h2d_id], links[d2h_id]
+        self.copier = CopyEngine(env, h2d, f"copy {HOST}->{gpu}", self.timeline,
+                                 duration_s=lambda n: self.cost.copy_s(n, h2d))
+        self.d2h = CopyEngine(env, d2h, f"copy {gpu}->{HOST}", self.timeline,
+                              duration_s=lambda n: self.cost.copy_s(n, d2h))
         self.host = CopyEngine(env, None, "host cpu", self.timeline, duration_s=self._host_expert_s)
         self.cache = ExpertCache(self.memory, self.model.moe_layers)
         initial = self.cache.initial_fill(self.model) if sc.sim.initial_residency == "fill" else []
@@ -284,7 +288,7 @@ class Engine:
         env, model, cost, cache, policy = self.env, self.model, self.cost, self.cache, self.policy
         start = env.now
         if phase == "decode":
-            rows = np.stack([r.req.experts[r.pos] for r in batch])[:, :, :]
+            rows = np.stack([r.req.experts[r.pos] for r in batch])
             ctx = sum(r.pos + 1 for r in batch)
             shape = BatchShape(tokens=len(batch), sequences=len(batch), attended_pairs=ctx, kv_tokens=ctx)
         else:
@@ -301,7 +305,6 @@ class Engine:
         dense = cost.dense_ffn_s(model, T) if self._dense else 0.0
         counters = self._bytes
         counters.reset()
-        self._step_index = step
         composition = tuple(r.req.request_id for r in batch)
         if self._record:
             self.recorded_passes.append({model.moe_layers[m]: ids for m, (ids, _) in enumerate(routing)})
@@ -380,39 +383,26 @@ class Engine:
                 waits.append((ev, t))
             if plan:  # prefetches queue behind this layer's demand loads, issued just above
                 self._execute(plan)
-            if host_jobs:
-                acc = ready
-                for ev, t in waits:
-                    if acc > 0:
-                        yield env.timeout(acc)
-                        acc = 0.0
-                    if not ev.triggered:
-                        t0 = env.now
-                        yield ev
-                        stall_s += env.now - t0
-                    acc += t
+            acc = ready  # resident (and shared) experts run first, then each missing one once it landed
+            for ev, t in waits:
                 if acc > 0:
                     yield env.timeout(acc)
+                    acc = 0.0
+                if not ev.triggered:
+                    t0 = env.now
+                    yield ev
+                    stall_s += env.now - t0
+                acc += t
+            if host_jobs:  # the combine needs the host-run experts' outputs back
+                if acc > 0:
+                    yield env.timeout(acc)
+                    acc = 0.0
                 for job in host_jobs:
                     if not job.triggered:
                         t0 = env.now
                         yield job
                         host_stall_s += env.now - t0
-                pending = combine
-            elif waits:
-                acc = ready
-                for ev, t in waits:
-                    if acc > 0:
-                        yield env.timeout(acc)
-                        acc = 0.0
-                    if not ev.triggered:
-                        t0 = env.now
-                        yield ev
-                        stall_s += env.now - t0
-                    acc += t
-                pending = acc + combine
-            else:
-                pending = ready + combine
+            pending = acc + combine
             cache.pinned = set()
         lm = cost.lm_head_s(model, len(batch))
         other_s += lm
@@ -489,7 +479,6 @@ class Engine:
                 raise ValueError("RunOnHost is answered through on_miss(...) -> 'host', not planned ahead")
             else:
                 raise TypeError(f"unknown plan action {action!r}")
-
 
     def _host_expert_s(self, tokens: float) -> float:
         return self.cost.host_expert_s(self.model, int(tokens))

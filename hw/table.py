@@ -1,0 +1,326 @@
+"""``Table``: a cost model that interpolates the cost tables ``moesim-profile`` measured.
+
+A profile directory (``real_backend/profile.py`` writes it) holds ``profile.parquet`` (or
+``profile.csv``) with one row per measurement -- ``device, model, op, phase, tokens, batch,
+context, bytes, median_s, p10_s, p90_s, repeats, threads, dtype`` -- and ``profile.json`` (machine,
+torch version, threads, and the shape signature of every profiled model). ``Table`` answers every
+``CostModel`` question from the medians, for the models the directory was profiled for, matched by
+name and checked against the shapes that were profiled (a model that was not profiled, or whose
+shapes differ, is a one-line ``ConfigError``).
+
+Interpolation: piecewise linear in the size argument (tokens, sequences, bytes), between measured
+points. Every op here costs, to a good approximation, a fixed part plus a part proportional to its
+size (a GEMM against a fixed weight matrix: weights read once plus per-token work; a copy: latency
+plus bytes over bandwidth; attention: projections per token plus the core per attended key), and
+linear interpolation reproduces such affine segments exactly, is exact at the measured points and
+monotone between two of them. Below the smallest measured size the answer is clamped to that
+point's time (a smaller op is not cheaper than the fixed part); above the largest it is
+extrapolated along the last segment (slope floored at zero), which for large sizes is the
+compute- or bandwidth-bound regime where time does grow linearly.
+
+Attention is two-dimensional. Decode passes (one new token per sequence) interpolate a grid over
+(sequences, context per sequence); prefill passes (every sequence's new tokens attend causally to
+themselves) a grid over (sequences, prompt tokens per sequence), both measured with equal-length
+sequences, so a batch is looked up at its mean context (``kv_tokens / sequences``). A grid is
+interpolated as curves of curves: along the context axis within each measured batch size, then
+linearly across batch sizes -- bilinear where the grid is complete, which is exact for the
+``a + b*B + c*C + d*B*C`` form attention time takes. Passes with several but not all new tokens
+attending a longer context (speculative verification, chunked prefill) are not measured; they are
+interpolated in log(new tokens per sequence) between the decode and prefill grids at the same
+batch and context, an approximation.
+
+Copies: ``copy_s(bytes, link)`` on the profiled host link (the system's ``host_link``, which on
+``hw=this_cpu`` is the CPU->CPU copy into the executor's slot pool) is
+``max(measured(bytes), latency + bytes / bandwidth_bps)``: the measured curve, unless the link's
+configured bandwidth is lower (a cap that mimics PCIe; the executor's link shaper copies at most
+that fast). Which measured curve -- copies alone (``idle``) or while expert FFNs run
+(``contended``) -- is ``hw.profile_copy``. Any other link: ``latency + bytes / bandwidth``.
+
+Per-layer overhead: a profile measured inside forward passes also has ``layer_overhead`` rows
+(the pass's wall time outside every op, per layer, vs tokens); ``attention_block_s`` includes it,
+so that the ops the simulator sums add up to a measured pass.
+
+Host execution (``host_expert_s``): the ``host_expert`` rows a CUDA profile carries, or on a CPU
+profile the expert curve itself (the host *is* the device).
+
+This module must not import torch (hw/ never does).
+"""
+
+from __future__ import annotations
+
+import bisect
+import json
+import math
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Optional, Sequence
+
+import numpy as np
+import pandas as pd
+
+from workloads.model import ModelSpec
+from workloads.validation import ConfigError
+
+from .cost import BatchShape, CostModel, Roofline
+from .devices import LinkSpec
+
+PROFILE_PARQUET = "profile.parquet"
+PROFILE_CSV = "profile.csv"
+PROFILE_HEADER = "profile.json"
+PROFILE_COLUMNS = ["device", "model", "op", "phase", "tokens", "batch", "context", "bytes", "median_s", "p10_s",
+                   "p90_s", "repeats", "threads", "dtype"]
+
+# ModelSpec fields an op's cost depends on (num_layers and the positions of dense layers do not).
+SIGNATURE_FIELDS = ("hidden_size", "num_experts", "top_k", "expert_intermediate_size", "num_attention_heads",
+                    "num_kv_heads", "head_dim", "vocab_size", "num_shared_experts",
+                    "shared_expert_intermediate_size", "dense_intermediate_size", "attention", "kv_lora_rank",
+                    "q_lora_rank", "qk_nope_head_dim", "qk_rope_head_dim", "v_head_dim", "tie_word_embeddings",
+                    "weight_bytes_per_param", "kv_bytes_per_elem", "act_bytes_per_elem")
+
+
+def model_signature(spec: ModelSpec) -> dict[str, Any]:
+    """The shapes and byte sizes a profile of ``spec`` is valid for."""
+    sig: dict[str, Any] = {f: getattr(spec, f) for f in SIGNATURE_FIELDS}
+    sig["expert_bytes_per_param"] = spec.expert_param_bytes
+    sig["has_dense_layers"] = bool(spec.dense_layers)
+    if not spec.dense_layers:
+        sig["dense_intermediate_size"] = 0
+    return sig
+
+
+# --------------------------------------------------------------------------- interpolation
+
+
+class Curve:
+    """Piecewise-linear ``y(x)`` through measured points; clamped below, extrapolated above."""
+
+    def __init__(self, xs: Sequence[float], ys: Sequence[float]):
+        if len(xs) == 0:
+            raise ValueError("a curve needs at least one point")
+        pts: dict[float, list[float]] = {}
+        for x, y in zip(xs, ys):
+            pts.setdefault(float(x), []).append(float(y))
+        self.xs = sorted(pts)
+        self.ys = [float(np.mean(pts[x])) for x in self.xs]
+
+    def __call__(self, x: float) -> float:
+        xs, ys = self.xs, self.ys
+        if x <= xs[0] or len(xs) == 1:
+            return ys[0]
+        i = bisect.bisect_right(xs, x)
+        if i >= len(xs):  # beyond the last point: along the last segment, never decreasing
+            slope = max(0.0, (ys[-1] - ys[-2]) / (xs[-1] - xs[-2]))
+            return ys[-1] + slope * (x - xs[-1])
+        x0, x1, y0, y1 = xs[i - 1], xs[i], ys[i - 1], ys[i]
+        return y0 + (y1 - y0) * (x - x0) / (x1 - x0)
+
+
+class Grid:
+    """``z(a, b)``: a ``Curve`` over ``b`` for each measured ``a``, interpolated linearly across ``a``
+    (clamped below the smallest ``a``, extrapolated along the last two above the largest)."""
+
+    def __init__(self, a: Sequence[float], b: Sequence[float], z: Sequence[float]):
+        by_a: dict[float, tuple[list, list]] = {}
+        for ai, bi, zi in zip(a, b, z):
+            xs, ys = by_a.setdefault(float(ai), ([], []))
+            xs.append(bi)
+            ys.append(zi)
+        if not by_a:
+            raise ValueError("a grid needs at least one point")
+        self.a = sorted(by_a)
+        self.curves = [Curve(*by_a[x]) for x in self.a]
+
+    def __call__(self, a: float, b: float) -> float:
+        av, cs = self.a, self.curves
+        if a <= av[0] or len(av) == 1:
+            return cs[0](b) if a <= av[0] else cs[-1](b)
+        i = bisect.bisect_right(av, a)
+        if i >= len(av):
+            z0, z1 = cs[-2](b), cs[-1](b)
+            slope = max(0.0, (z1 - z0) / (av[-1] - av[-2]))
+            return z1 + slope * (a - av[-1])
+        a0, a1 = av[i - 1], av[i]
+        z0, z1 = cs[i - 1](b), cs[i](b)
+        return z0 + (z1 - z0) * (a - a0) / (a1 - a0)
+
+
+# --------------------------------------------------------------------------- loading
+
+
+def read_profile(profile_dir: str | Path, key: str = "hw.profile_dir") -> tuple[dict, pd.DataFrame]:
+    """The header and rows of a profile directory; one-line ConfigError if it is missing or broken."""
+    d = Path(profile_dir)
+    header_file = d / PROFILE_HEADER
+    if not header_file.is_file():
+        raise ConfigError(f"{key}={profile_dir} holds no cost tables ({PROFILE_HEADER} not found); "
+                          f"run moesim-profile -o {profile_dir} first")
+    try:
+        header = json.loads(header_file.read_text())
+        if (d / PROFILE_PARQUET).is_file():
+            rows = pd.read_parquet(d / PROFILE_PARQUET)
+        else:
+            rows = pd.read_csv(d / PROFILE_CSV, keep_default_na=False, na_values=[""])
+    except (OSError, ValueError) as exc:
+        raise ConfigError(f"{key}={profile_dir} has unreadable cost tables: {str(exc).splitlines()[0]}") from None
+    missing = [c for c in PROFILE_COLUMNS if c not in rows.columns]
+    if missing:
+        raise ConfigError(f"{key}={profile_dir} cost tables lack column(s) {', '.join(missing)}; "
+                          f"re-run moesim-profile")
+    rows = rows.copy()
+    for c in ("model", "op", "phase"):
+        rows[c] = rows[c].fillna("").astype(str)
+    return header, rows
+
+
+@dataclass
+class _ModelTables:
+    curves: dict[str, Curve]
+    decode: Optional[Grid]
+    prefill: Optional[Grid]
+
+
+class Table:
+    """``CostModel`` from measured tables (see the module docstring)."""
+
+    def __init__(self, profile_dir: str | Path, host_link: Optional[LinkSpec] = None,
+                 copy_phase: str = "idle", key: str = "hw.profile_dir"):
+        self.profile_dir = str(profile_dir)
+        self.key = key
+        self.header, self.rows = read_profile(profile_dir, key)
+        self.device = str(self.header.get("device", ""))
+        self.host_link = host_link
+        if copy_phase not in ("idle", "contended"):
+            raise ConfigError(f"hw.profile_copy={copy_phase!r} is not allowed; choose one of: idle, contended")
+        copies = self.rows[(self.rows["op"] == "copy") & (self.rows["phase"] == copy_phase)]
+        if copies.empty and host_link is not None:
+            raise ConfigError(f"{key}={self.profile_dir} has no '{copy_phase}' copy measurements; "
+                              f"re-run moesim-profile")
+        self._copy = Curve(copies["bytes"].astype(float), copies["median_s"].astype(float)) if len(copies) else None
+        self._models: dict[str, _ModelTables] = {}
+
+    @property
+    def models(self) -> list[str]:
+        return sorted(self.header.get("models", {}))
+
+    # ------------------------------------------------------------------ model lookup
+    def check(self, model: ModelSpec) -> None:
+        """Raise a one-line ConfigError unless ``model`` was profiled here with these shapes."""
+        self._tables(model)
+
+    def _tables(self, model: ModelSpec) -> _ModelTables:
+        t = self._models.get(model.name)
+        if t is not None:
+            return t
+        profiled = self.header.get("models", {})
+        if model.name not in profiled:
+            raise ConfigError(
+                f"model={model.name} was not profiled in {self.key}={self.profile_dir} "
+                f"(profiled: {', '.join(sorted(profiled)) or 'none'}); "
+                f"run moesim-profile --models {model.name} -o {self.profile_dir}")
+        want, have = profiled[model.name], model_signature(model)
+        for f, v in have.items():
+            if f in want and want[f] != v:
+                raise ConfigError(
+                    f"model.{f}={v!r} differs from the {want[f]!r} profiled for model={model.name} in "
+                    f"{self.key}={self.profile_dir}; set model.{f}={want[f]} or re-run moesim-profile")
+        rows = self.rows[self.rows["model"] == model.name]
+        curves: dict[str, Curve] = {}
+        for op, size in (("expert", "tokens"), ("router", "tokens"), ("shared_experts", "tokens"),
+                         ("dense_ffn", "tokens"), ("combine", "tokens"), ("embed", "tokens"),
+                         ("lm_head", "batch"), ("host_expert", "tokens"), ("layer_overhead", "tokens")):
+            r = rows[(rows["op"] == op) & (rows["phase"] == "")]
+            if len(r):
+                curves[op] = Curve(r[size].astype(float), r["median_s"].astype(float))
+        for op in ("expert", "router", "combine", "embed", "lm_head"):
+            if op not in curves:
+                raise ConfigError(f"{self.key}={self.profile_dir} has no '{op}' measurements for model={model.name}; "
+                                  f"re-run moesim-profile --models {model.name}")
+        if model.num_shared_experts and "shared_experts" not in curves:
+            raise ConfigError(f"{self.key}={self.profile_dir} has no shared_experts measurements for "
+                              f"model={model.name}; re-run moesim-profile --models {model.name}")
+        if model.dense_layers and "dense_ffn" not in curves:
+            raise ConfigError(f"{self.key}={self.profile_dir} has no dense_ffn measurements for "
+                              f"model={model.name}; re-run moesim-profile --models {model.name}")
+        grids = {}
+        for phase in ("decode", "prefill"):
+            r = rows[(rows["op"] == "attention") & (rows["phase"] == phase)]
+            grids[phase] = (Grid(r["batch"].astype(float), r["context"].astype(float), r["median_s"].astype(float))
+                            if len(r) else None)
+        if grids["decode"] is None:
+            raise ConfigError(f"{self.key}={self.profile_dir} has no decode attention measurements for "
+                              f"model={model.name}; re-run moesim-profile --models {model.name}")
+        t = self._models[model.name] = _ModelTables(curves, grids["decode"], grids["prefill"])
+        return t
+
+    # ------------------------------------------------------------------ CostModel
+    def attention_block_s(self, model: ModelSpec, batch: BatchShape) -> float:
+        t = self._tables(model)
+        overhead = t.curves["layer_overhead"](batch.tokens) if "layer_overhead" in t.curves else 0.0
+        return overhead + self._attention_s(t, batch)
+
+    @staticmethod
+    def _attention_s(t: _ModelTables, batch: BatchShape) -> float:
+        seqs = max(batch.sequences, 1)
+        q = batch.tokens / seqs                 # new tokens per sequence
+        c = max(batch.kv_tokens / seqs, q)      # context per sequence
+        if q <= 1.0 or t.prefill is None:
+            return t.decode(seqs, c)
+        prefill = t.prefill(seqs, q)
+        if q >= c:
+            return prefill
+        dec, pre = t.decode(seqs, c), t.prefill(seqs, c)
+        f = math.log(q) / math.log(c)
+        return dec + (pre - dec) * f
+
+    def router_s(self, model: ModelSpec, tokens: int) -> float:
+        return self._tables(model).curves["router"](tokens)
+
+    def expert_s(self, model: ModelSpec, tokens: int) -> float:
+        if tokens <= 0:
+            return 0.0
+        return self._tables(model).curves["expert"](tokens)
+
+    def shared_experts_s(self, model: ModelSpec, tokens: int) -> float:
+        if not model.num_shared_experts:
+            return 0.0
+        return self._tables(model).curves["shared_experts"](tokens)
+
+    def dense_ffn_s(self, model: ModelSpec, tokens: int) -> float:
+        if not model.dense_layers:
+            return 0.0
+        return self._tables(model).curves["dense_ffn"](tokens)
+
+    def combine_s(self, model: ModelSpec, tokens: int) -> float:
+        return self._tables(model).curves["combine"](tokens)
+
+    def embed_s(self, model: ModelSpec, tokens: int) -> float:
+        return self._tables(model).curves["embed"](tokens)
+
+    def lm_head_s(self, model: ModelSpec, sequences: int) -> float:
+        return self._tables(model).curves["lm_head"](sequences)
+
+    def host_expert_s(self, model: ModelSpec, tokens: int) -> float:
+        if tokens <= 0:
+            return 0.0
+        curves = self._tables(model).curves
+        if "host_expert" in curves:
+            return curves["host_expert"](tokens)
+        if self.device == "cpu":
+            return curves["expert"](tokens)
+        raise ConfigError(f"{self.key}={self.profile_dir} has no host_expert measurements for model={model.name}; "
+                          f"re-run moesim-profile on the {self.device} machine")
+
+    def copy_s(self, nbytes: float, link: LinkSpec) -> float:
+        analytic = link.transfer_s(nbytes)
+        if self._copy is None or self.host_link is None or link != self.host_link:
+            return analytic
+        return max(self._copy(nbytes), analytic)
+
+
+def cost_model_for(hw, model: ModelSpec) -> CostModel:
+    """The cost model a ``SystemSpec`` asks for (``hw.cost_model``), checked against ``model``."""
+    if getattr(hw, "cost_model", "roofline") == "table":
+        table = Table(hw.profile_dir, host_link=hw.host_link, copy_phase=getattr(hw, "profile_copy", "idle"))
+        table.check(model)
+        return table
+    return Roofline(hw.gpu, hw.cpu)

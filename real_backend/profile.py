@@ -1,0 +1,711 @@
+"""``moesim-profile``: measure the cost tables ``hw.table.Table`` interpolates, on this machine's device.
+
+    moesim-profile [--device cpu|cuda] [--models mini_mixtral,mini_qwen] [-o DIR] [--quick]
+                   [--threads N] [--max-layers N] [--seed S]
+
+**Model ops, inside real forward passes.** For each model (a ``conf/model`` name) it builds the
+whole model (random weights) and times the functions of ``real_backend.ops`` *inside forward
+passes* of it (``MoEModel.forward`` with an ``op_timer``): every op runs exactly as in the
+executor, with the cache, allocator and interleaving state a pass leaves behind. (An op timed
+alone in a loop keeps its weights cache-hot; timed alone after flushing the caches its weights
+are colder than in a pass; on the CPU presets both were 10-30% off against whole passes, while
+op times taken inside passes add up to the pass within a few percent.) Routing is forced (the
+trace-replay mode) and the KV cache's lengths are set directly (attention's cost does not depend
+on the cached values):
+
+* decode grid (``op=attention, phase=decode``): ``batch`` sequences of one new token each,
+  attending ``context`` keys, uniform random top-k routing; configs whose KV cache (all layers)
+  would exceed ``kv_budget_bytes`` are skipped (the table extrapolates there);
+* prefill grid (``op=attention, phase=prefill``): ``batch`` sequences of ``context`` new tokens
+  each (causal), uniform random routing;
+* expert curve (``op=expert``): one sequence of ``n`` tokens, all routed to the same K experts of
+  each layer, so each of them runs on exactly ``n`` tokens (the decode and prefill passes' expert
+  runs whose token count lies on the curve are pooled in);
+* ``router`` (router + dispatch), ``shared_experts``, ``dense_ffn``, ``combine`` and ``embed``
+  (per-pass bookkeeping + embedding lookup) vs the pass's tokens; ``lm_head`` (final norm + LM
+  head) vs its sequences: pooled from the decode and prefill passes;
+* ``layer_overhead`` vs the pass's tokens: the pass's wall time not spent in any op (the Python
+  between ops, op timers included), per layer; ``Table`` adds it to each layer's attention block
+  so that the simulator's sum of ops adds up to a pass;
+* ``op=expert, phase=contended``: expert passes while a copy thread moves expert-sized blocks
+  back to back; ``phase=after_copy`` (CPU): each expert runs from a slot its weights were copied
+  into just before (the copy leaves them in the CPU caches: what a demand-loaded expert sees in
+  the executor). The table does not use these two; they quantify contention and cache effects;
+* ``host_expert`` (CUDA runs only): the expert on the host CPU, timed alone after evicting the
+  host's caches (Fiddler-style host execution).
+
+Each config runs ``warmup`` untimed passes, then passes until ``min_passes`` and a time budget are
+reached (at most ``max_passes``). A row keeps the median and the 10th/90th percentiles over all
+samples of its key (one per layer per pass for per-layer ops; ``repeats`` counts them).
+
+**Copies** (device-level, ``model`` empty): ``op=copy`` vs bytes, ``phase=idle`` and
+``phase=contended`` (while a second thread runs expert FFNs of the first model on 8 tokens back
+to back): on CPU a ``copy_`` between two CPU tensors (the executor's host store -> slot pool), on
+CUDA pinned host -> device on a side stream. Source and destination rotate through pools of at
+least ``copy_pool_bytes`` so copies are not cache-hot. Sizes are log-spaced plus each model's
+expert size exactly. Each is timed alone (``perf_counter`` on CPU, CUDA events on the copy stream)
+after warm-up calls, until ``min_repeats`` and a time budget are reached (at most
+``max_repeats``), with garbage collection off.
+
+**Threads.** Torch intra-op threads are set explicitly (``--threads``; default 1 on CPU: on this
+two-core machine one core computes, as the "device", and the other is left to the executor's copy
+thread, as the DMA engine). The count is recorded with every row and in the header; the
+executor must run with the same count for the tables to apply.
+
+Output into DIR (default ``profiles/<device>/``): ``profile.parquet`` and ``profile.csv`` (one row
+per measurement: ``device, model, op, phase, tokens, batch, context, bytes, median_s, p10_s,
+p90_s, repeats, threads, dtype``; inapplicable sizes are empty) and ``profile.json`` (machine,
+device name, torch version, threads, dtype, date, the shape signature of every model). Profiling
+more models into a directory that holds a profile of the same device and thread count keeps the
+other models' rows (copy rows are replaced).
+
+Bad input (an unknown model, no CUDA, a bad option) prints one line ``moesim-profile: error: ...``
+on stderr and exits with status 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import datetime as _dt
+import gc
+import json
+import os
+import platform
+import random
+import sys
+import threading
+import time
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Callable, Iterator, Optional, Sequence
+
+import numpy as np
+import pandas as pd
+import torch
+
+from hw.table import PROFILE_COLUMNS, PROFILE_CSV, PROFILE_HEADER, PROFILE_PARQUET, model_signature
+from workloads.model import ModelSpec
+from workloads.validation import ConfigError
+
+from . import ops
+from .model import ExpertWeights, MoEModel
+
+PROG = "moesim-profile"
+EXIT_BAD_INPUT = 2
+DEFAULT_MODELS = ("mini_mixtral", "mini_qwen")
+MB = 1 << 20
+
+
+@dataclass(frozen=True)
+class Sweep:
+    """Which points to measure and how hard."""
+
+    expert_tokens: tuple[int, ...]         # expert curve: tokens routed to one expert
+    decode_batches: tuple[int, ...]        # decode grid: sequences ...
+    decode_contexts: tuple[int, ...]       # ... x keys each attends
+    prefill_seqs: tuple[int, ...]          # prefill grid: sequences ...
+    prefill_lens: tuple[int, ...]          # ... x new tokens each
+    prefill_max_tokens: int                # largest prefill pass
+    copy_bytes: tuple[int, ...]            # copy curve (plus each model's expert size)
+    extra_expert_tokens: tuple[int, ...]   # expert under copy contention / right after its copy
+    warmup: int                            # untimed passes (calls) before each config (point)
+    min_passes: int                        # forward passes per config: at least ...
+    max_passes: int                        # ... at most ...
+    pass_budget_s: float                   # ... and until this much time was spent
+    min_repeats: int                       # isolated timings (copies): at least ...
+    max_repeats: int                       # ... at most ...
+    budget_s: float                        # ... and until this much time was spent
+    kv_budget_bytes: float                 # decode configs whose KV cache would exceed this are skipped
+    copy_pool_bytes: float                 # copies rotate through this many bytes of buffers
+
+
+FULL = Sweep(
+    expert_tokens=(1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 48, 64, 96, 128, 192, 256, 384, 512),
+    decode_batches=(1, 2, 4, 8, 16, 32, 64),
+    decode_contexts=(64, 128, 256, 512, 1024, 2048),
+    prefill_seqs=(1, 2, 4, 8),
+    prefill_lens=(16, 64, 128, 256, 512),
+    prefill_max_tokens=2048,
+    copy_bytes=tuple(4096 * 4 ** i for i in range(8)),           # 4 KB .. 64 MB
+    extra_expert_tokens=(1, 8, 64),
+    warmup=1, min_passes=3, max_passes=12, pass_budget_s=0.2,
+    min_repeats=5, max_repeats=60, budget_s=0.15,
+    kv_budget_bytes=1.0e9, copy_pool_bytes=256 * MB)
+
+QUICK = Sweep(
+    expert_tokens=(1, 4, 16, 64, 256),
+    decode_batches=(1, 8, 32),
+    decode_contexts=(128, 1024),
+    prefill_seqs=(1, 4),
+    prefill_lens=(32, 128),
+    prefill_max_tokens=512,
+    copy_bytes=(64 * 1024, 1 * MB, 16 * MB),
+    extra_expert_tokens=(1,),
+    warmup=1, min_passes=2, max_passes=2, pass_budget_s=0.0,
+    min_repeats=3, max_repeats=15, budget_s=0.03,
+    kv_budget_bytes=0.5e9, copy_pool_bytes=64 * MB)
+
+
+# --------------------------------------------------------------------------- timing
+
+
+class Clock:
+    """Times one call: perf_counter on CPU; CUDA events on ``stream`` (default: the current one)."""
+
+    def __init__(self, device: torch.device, stream=None):
+        self.device = device
+        self.cuda = device.type == "cuda"
+        self.stream = stream
+
+    def time(self, fn: Callable[[], object]) -> float:
+        if self.cuda:
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record(self.stream)
+            fn()
+            end.record(self.stream)
+            end.synchronize()
+            return start.elapsed_time(end) / 1e3
+        t0 = time.perf_counter()
+        fn()
+        return time.perf_counter() - t0
+
+
+def _summary(samples: Sequence[float]) -> dict:
+    a = np.asarray(samples, dtype=float)
+    return {"median_s": float(np.median(a)), "p10_s": float(np.percentile(a, 10)),
+            "p90_s": float(np.percentile(a, 90)), "repeats": len(a)}
+
+
+def measure(fn: Callable[[], object], clock: Clock, sweep: Sweep,
+            before: Optional[Callable[[], object]] = None) -> dict:
+    """An op timed alone: warm up, then repeat until ``min_repeats`` and the time budget are met
+    (at most ``max_repeats``). ``before`` runs, untimed, before every call."""
+    with torch.inference_mode():
+        for _ in range(sweep.warmup):
+            if before is not None:
+                before()
+            fn()
+        ops.synchronize(clock.device)
+        samples: list[float] = []
+        was_enabled = gc.isenabled()
+        gc.disable()
+        try:
+            t_start = time.perf_counter()
+            while len(samples) < sweep.max_repeats:
+                if before is not None:
+                    before()
+                    ops.synchronize(clock.device)
+                samples.append(clock.time(fn))
+                if len(samples) >= sweep.min_repeats and time.perf_counter() - t_start >= sweep.budget_s:
+                    break
+        finally:
+            if was_enabled:
+                gc.enable()
+    return _summary(samples)
+
+
+class _PassTimer:
+    """``op_timer`` + ``on_routed`` for one forward pass: each op's duration and the tokens each
+    expert got (CUDA: event pairs on the current stream, read after the pass)."""
+
+    def __init__(self, device: torch.device):
+        self.cuda = device.type == "cuda"
+        self.device = device
+        self.spans: list[tuple] = []
+        self.counts: dict[int, dict[int, int]] = {}
+        self.wall_s: Optional[float] = None
+
+    def routed(self, layer: int, experts: list[int], counts: list[int]) -> None:
+        self.counts[layer] = dict(zip(experts, counts))
+        return None
+
+    @contextlib.contextmanager
+    def __call__(self, op: str, layer: Optional[int], expert: Optional[int]) -> Iterator[None]:
+        if self.cuda:
+            a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            a.record()
+            yield
+            b.record()
+            self.spans.append((op, layer, expert, (a, b)))
+        else:
+            t0 = time.perf_counter()
+            yield
+            self.spans.append((op, layer, expert, time.perf_counter() - t0))
+
+    def results(self, kind: str, seqs: int, tokens: int, context: int, expert_phase: str = "",
+                num_layers: int = 1):
+        """``(key, seconds)`` per op, keyed as the profile's rows group them, and the pass's time
+        outside every op (Python between ops) per layer as ``layer_overhead``."""
+        if self.cuda:
+            torch.cuda.synchronize(self.device)
+        total = 0.0
+        for op, layer, expert, t in self.spans:
+            dt = t[0].elapsed_time(t[1]) / 1e3 if self.cuda else t
+            total += dt
+        if self.wall_s is not None:
+            yield ("layer_overhead", tokens), max(0.0, self.wall_s - total) / num_layers
+        for op, layer, expert, t in self.spans:
+            dt = t[0].elapsed_time(t[1]) / 1e3 if self.cuda else t
+            if op == "attention":
+                yield ("attention", kind, seqs, context, tokens), dt
+            elif op == "expert":
+                yield ("expert", expert_phase, self.counts[layer][expert]), dt
+            elif op == "lm_head":
+                yield ("lm_head", seqs), dt
+            else:
+                yield (op, tokens), dt
+
+
+class _Background:
+    """Runs ``step`` over and over in a daemon thread while the ``with`` block runs."""
+
+    def __init__(self, step: Callable[[], None], name: str):
+        self.step, self.name = step, name
+        self.stop = threading.Event()
+        self.thread: Optional[threading.Thread] = None
+        self.error: Optional[BaseException] = None
+
+    def _loop(self) -> None:
+        try:
+            with torch.inference_mode():
+                while not self.stop.is_set():
+                    self.step()
+        except BaseException as exc:  # surfaced on exit
+            self.error = exc
+
+    def __enter__(self) -> "_Background":
+        self.thread = threading.Thread(target=self._loop, name=self.name, daemon=True)
+        self.thread.start()
+        time.sleep(0.02)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.stop.set()
+        self.thread.join()
+        if self.error is not None and exc[0] is None:
+            raise self.error
+
+
+# --------------------------------------------------------------------------- specs
+
+
+def dtype_consistent(spec: ModelSpec, dtype: torch.dtype) -> ModelSpec:
+    """The spec with the byte sizes of the dtype the profile actually runs at."""
+    b = float(ops.DTYPE_BYTES[dtype])
+    return replace(spec, weight_bytes_per_param=b, expert_bytes_per_param=None, kv_bytes_per_elem=b,
+                   act_bytes_per_elem=b)
+
+
+def truncated(spec: ModelSpec, max_layers: Optional[int]) -> ModelSpec:
+    """The first ``max_layers`` layers of ``spec`` (per-layer op costs do not depend on the depth)."""
+    if max_layers is None or max_layers >= spec.num_layers:
+        return spec
+    dense = tuple(d for d in spec.dense_layers if d < max_layers)
+    if len(dense) >= max_layers:
+        raise ConfigError(f"--max-layers={max_layers} keeps no MoE layer of model={spec.name} "
+                          f"(dense layers {list(spec.dense_layers)}); use a larger value")
+    return replace(spec, num_layers=max_layers, dense_layers=dense)
+
+
+def device_name(device: torch.device) -> str:
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def _resolve_models(models: Sequence[str | ModelSpec]) -> list[ModelSpec]:
+    from sim.config import compose_scenario
+
+    return [m if isinstance(m, ModelSpec) else compose_scenario([f"model={m}"]).model for m in models]
+
+
+# --------------------------------------------------------------------------- the profiler
+
+
+class _Profiler:
+    def __init__(self, device: torch.device, dtype: torch.dtype, sweep: Sweep, threads: int, seed: int,
+                 log: Callable[[str], None]):
+        self.device, self.dtype, self.sweep, self.threads, self.seed = device, dtype, sweep, threads, seed
+        self.rows: list[dict] = []
+        self.log = log
+        self.rng = random.Random(seed)
+        self.gen = torch.Generator().manual_seed(seed)
+
+    def add(self, model: str, op: str, result: dict, phase: str = "", tokens=None, batch=None, context=None,
+            nbytes=None) -> None:
+        self.rows.append({"device": self.device.type, "model": model, "op": op, "phase": phase, "tokens": tokens,
+                          "batch": batch, "context": context, "bytes": nbytes, **result,
+                          "threads": self.threads, "dtype": str(self.dtype).replace("torch.", "")})
+
+    # ------------------------------------------------------------------ model ops inside passes
+    def model_ops(self, spec: ModelSpec) -> MoEModel:
+        """Time every op of ``spec`` inside forward passes of the whole model (module docstring)."""
+        sw, name = self.sweep, spec.name
+        t0 = time.perf_counter()
+        model = MoEModel(spec, self.device, self.dtype, seed=self.seed)
+        samples: dict[tuple, list[float]] = {}
+        E, K = spec.num_experts, spec.top_k
+        geom = model.geometry
+        kv_per_token = spec.num_layers * ops.DTYPE_BYTES[self.dtype] * 2 * geom.kv_heads * geom.head_dim
+        g = torch.Generator().manual_seed(self.seed + 7)
+        on_curve = set(sw.expert_tokens)
+
+        def uniform(T: int) -> dict:
+            return {l: torch.rand(T, E, generator=g).topk(K, dim=-1).indices for l in spec.moe_layers}
+
+        def concentrated(T: int) -> dict:
+            return {l: torch.randperm(E, generator=g)[:K].repeat(T, 1) for l in spec.moe_layers}
+
+        def run(kind: str, cache: ops.KVCache, slots: list[int], start: int, new: int, routing, keep,
+                expert_phase: str = "", get_expert=None) -> None:
+            tokens = [[1] * new for _ in slots]
+            T, context = new * len(slots), start + new
+            t_cfg = time.perf_counter()
+            done = 0
+            while True:
+                for s in slots:
+                    cache.lengths[s] = start
+                timer = _PassTimer(self.device)
+                forced = routing(T)
+                with torch.inference_mode():
+                    ops.synchronize(self.device)
+                    w0 = time.perf_counter()
+                    model.forward(tokens, cache, slots, routing=forced, op_timer=timer, on_routed=timer.routed,
+                                  get_expert=get_expert)
+                    ops.synchronize(self.device)
+                    timer.wall_s = time.perf_counter() - w0
+                done += 1
+                if done <= sw.warmup:
+                    continue
+                for key, dt in timer.results(kind, len(slots), T, context, expert_phase, spec.num_layers):
+                    if keep(key):
+                        samples.setdefault(key, []).append(dt)
+                n = done - sw.warmup
+                if n >= sw.max_passes or (n >= sw.min_passes and time.perf_counter() - t_cfg >= sw.pass_budget_s):
+                    break
+
+        everything = lambda k: k[0] != "expert" or k[2] in on_curve  # noqa: E731
+        experts_only = lambda k: k[0] == "expert"  # noqa: E731
+
+        # Decode grid.
+        for b in sw.decode_batches:
+            ctxs = [c for c in sw.decode_contexts if b * c * kv_per_token <= sw.kv_budget_bytes]
+            if not ctxs:
+                continue
+            cache = model.new_cache(b, max(ctxs))
+            for t in cache.k + cache.v:
+                t.fill_(0.01)  # touch every page: never-written zero pages read as if they were cached
+            slots = [cache.allocate() for _ in range(b)]
+            for c in ctxs:
+                run("decode", cache, slots, c - 1, 1, uniform, everything)
+            del cache
+        self.log(f"{name}: decode passes in {time.perf_counter() - t0:.1f} s")
+        t1 = time.perf_counter()
+        # Expert curve, and the same passes under copy contention / right after each expert's copy.
+        cache = model.new_cache(1, max(sw.expert_tokens))
+        for n in sw.expert_tokens:
+            run("expert", cache, [0], 0, n, concentrated, experts_only)
+        nbytes = model.expert_nbytes
+        src, dst = self._buffers(nbytes)
+        with _Background(self._copier(src, dst), "profile-copy"):
+            for n in sw.extra_expert_tokens:
+                run("expert", cache, [0], 0, n, concentrated, experts_only, expert_phase="contended")
+        del src, dst
+        if self.device.type == "cpu":
+            slot = ExpertWeights(*(torch.empty_like(t) for t in model.experts[next(iter(model.experts))].tensors))
+
+            def copy_in(layer: int, e: int):
+                ops.copy_expert(slot.tensors, model.experts[(layer, e)].tensors)
+                return slot.tensors
+
+            for n in sw.extra_expert_tokens:
+                run("expert", cache, [0], 0, n, concentrated, experts_only, expert_phase="after_copy",
+                    get_expert=copy_in)
+        del cache
+        # Prefill grid.
+        for s in sw.prefill_seqs:
+            lens = [t for t in sw.prefill_lens if s * t <= sw.prefill_max_tokens]
+            if not lens:
+                continue
+            cache = model.new_cache(s, max(lens))
+            slots = [cache.allocate() for _ in range(s)]
+            for t in lens:
+                run("prefill", cache, slots, 0, t, uniform, everything)
+            del cache
+        self.log(f"{name}: expert and prefill passes in {time.perf_counter() - t1:.1f} s")
+
+        for key, vals in sorted(samples.items(), key=lambda kv: tuple(str(x) for x in kv[0])):
+            r = _summary(vals)
+            op = key[0]
+            if op == "attention":
+                _, phase, b, c, T = key
+                self.add(name, op, r, phase=phase, tokens=T, batch=b, context=c)
+            elif op == "expert":
+                self.add(name, op, r, phase=key[1], tokens=key[2])
+            elif op == "lm_head":
+                self.add(name, op, r, tokens=key[1], batch=key[1])
+            else:
+                self.add(name, op, r, tokens=key[1])
+        return model
+
+    def host_expert(self, spec: ModelSpec) -> None:
+        """CUDA runs: one expert on the host CPU (float32), timed alone with the host's caches
+        evicted before every call (a host-run expert's weights come from DRAM)."""
+        cpu = torch.device("cpu")
+        model = MoEModel(replace(spec, num_layers=1, dense_layers=()), cpu, torch.float32, seed=self.seed)
+        pool = [model.experts[k] for k in sorted(model.experts)]
+        flush = torch.ones(64 * MB)  # 256 MB of float32, larger than a server's last-level cache
+        clock = Clock(cpu)
+        for n in self.sweep.expert_tokens:
+            x, idx, w = torch.randn(n, spec.hidden_size), torch.arange(n), torch.ones(n, 1)
+            r = measure(lambda: ops.run_expert(x, idx, w, *pool[self.rng.randrange(len(pool))].tensors), clock,
+                        self.sweep, lambda: (flush.sum(), x.sum()))
+            self.add(spec.name, "host_expert", r, tokens=n)
+
+    # ------------------------------------------------------------------ copies
+    def _buffers(self, nbytes: int) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+        """Source (host; pinned for CUDA) and destination (device) buffers of ``nbytes``, enough of
+        them to cover ``copy_pool_bytes``, every page written."""
+        count = int(max(2, -(-self.sweep.copy_pool_bytes // nbytes)))
+        pin = self.device.type == "cuda"
+        src = []
+        for _ in range(count):
+            t = torch.empty(int(nbytes), dtype=torch.uint8, pin_memory=pin)
+            t.fill_(1)
+            src.append(t)
+        dst = [torch.ones(int(nbytes), dtype=torch.uint8, device=self.device) for _ in range(count)]
+        return src, dst
+
+    def _copier(self, src: list[torch.Tensor], dst: list[torch.Tensor], stream=None) -> Callable[[], None]:
+        """One copy per call, rotating through the buffers (on ``stream`` for CUDA, waited for)."""
+        state = {"i": 0}
+        cuda = self.device.type == "cuda"
+        stream = stream or (torch.cuda.Stream(self.device) if cuda else None)
+
+        def copy() -> None:
+            i = state["i"] = (state["i"] + 1) % len(src)
+            if stream is None:
+                dst[i].copy_(src[i])
+                return
+            with torch.cuda.stream(stream):
+                dst[i].copy_(src[i], non_blocking=True)
+            stream.synchronize()
+
+        return copy
+
+    def copies(self, sizes: Sequence[int], pool: Optional[list[ExpertWeights]]) -> None:
+        """The copy curve alone (``idle``) and while expert FFNs run in another thread (``contended``)."""
+        cuda = self.device.type == "cuda"
+        stream = torch.cuda.Stream(self.device) if cuda else None
+        clock = Clock(self.device, stream)
+
+        def curve(phase: str) -> None:
+            for nbytes in sizes:
+                src, dst = self._buffers(nbytes)
+                state = {"i": 0}
+
+                def copy() -> None:
+                    i = state["i"] = (state["i"] + 1) % len(src)
+                    if stream is None:
+                        dst[i].copy_(src[i])
+                    else:
+                        with torch.cuda.stream(stream):
+                            dst[i].copy_(src[i], non_blocking=True)
+
+                self.add("", "copy", measure(copy, clock, self.sweep), phase=phase, nbytes=int(nbytes))
+                del src, dst
+
+        curve("idle")
+        if not pool:
+            return
+        x = (torch.randn(8, pool[0].gate_up.shape[1], generator=self.gen)).to(self.device, self.dtype)
+        idx = torch.arange(8, device=self.device)
+        w = torch.ones(8, 1, device=self.device, dtype=self.dtype)
+        rng = random.Random(self.seed + 1)
+
+        def compute() -> None:
+            ops.run_expert(x, idx, w, *pool[rng.randrange(len(pool))].tensors)
+            if cuda:
+                torch.cuda.current_stream(self.device).synchronize()
+
+        with _Background(compute, "profile-compute"):
+            curve("contended")
+
+
+# --------------------------------------------------------------------------- the run
+
+
+def run_profile(models: Sequence[str | ModelSpec], device: Optional[str] = None, out_dir: Optional[str | Path] = None,
+                quick: bool = False, threads: Optional[int] = None, seed: int = 0, max_layers: Optional[int] = None,
+                log: Callable[[str], None] = lambda s: None, sweep: Optional[Sweep] = None) -> Path:
+    """Profile ``models`` (conf/model names or ModelSpecs) on ``device`` and write the tables into
+    ``out_dir`` (default ``profiles/<device>``); returns the directory."""
+    try:
+        dev = ops.resolve_device(device)
+    except ValueError as exc:
+        raise ConfigError(f"--device={device} is not usable here: {exc}") from None
+    if threads is None:
+        threads = 1 if dev.type == "cpu" else torch.get_num_threads()
+    if threads < 1:
+        raise ConfigError(f"--threads={threads} is invalid; must be >= 1")
+    if max_layers is not None and max_layers < 1:
+        raise ConfigError(f"--max-layers={max_layers} is invalid; must be >= 1")
+    specs = _resolve_models(models)
+    if not specs:
+        raise ConfigError("--models is empty; name at least one model, e.g. --models mini_mixtral")
+    out = Path(out_dir) if out_dir is not None else Path("profiles") / dev.type
+    if out.exists() and not out.is_dir():
+        raise ConfigError(f"-o {out} is a file; give a directory")
+    sweep = sweep or (QUICK if quick else FULL)
+    dtype = ops.default_dtype(dev)
+    specs = [truncated(dtype_consistent(s, dtype), max_layers) for s in specs]
+    old_threads = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    t_start = time.perf_counter()
+    try:
+        prof = _Profiler(dev, dtype, sweep, threads, seed, log)
+        first_pool: Optional[list[ExpertWeights]] = None
+        sizes = set(sweep.copy_bytes)
+        for spec in specs:
+            model = prof.model_ops(spec)
+            sizes.add(int(model.expert_nbytes))
+            if dev.type == "cuda":
+                prof.host_expert(spec)
+            if first_pool is None:
+                first_pool = [model.experts[k] for k in sorted(model.experts)]
+            del model
+        t0 = time.perf_counter()
+        prof.copies(sorted(sizes), first_pool)
+        log(f"copies in {time.perf_counter() - t0:.1f} s")
+    finally:
+        torch.set_num_threads(old_threads)
+    rows = pd.DataFrame(prof.rows, columns=PROFILE_COLUMNS)
+    header = {
+        "format": 1,
+        "device": dev.type,
+        "device_name": device_name(dev),
+        "machine": platform.node(),
+        "platform": platform.platform(),
+        "cpu_count": os.cpu_count(),
+        "torch_version": torch.__version__,
+        "torch_threads": threads,
+        "dtype": str(dtype).replace("torch.", ""),
+        "date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+        "quick": quick,
+        "duration_s": round(time.perf_counter() - t_start, 2),
+        "host_link": ("pinned host -> device copy_ on a side stream" if dev.type == "cuda"
+                      else "copy_ between two CPU tensors (host store -> slot pool)"),
+        "models": {s.name: model_signature(s) for s in specs},
+        "profiled_layers": {s.name: s.num_layers for s in specs},
+    }
+    write_profile(out, rows, header)
+    return out
+
+
+def _typed(df: pd.DataFrame) -> pd.DataFrame:
+    df = df.copy()
+    for c in ("tokens", "batch", "context", "bytes", "repeats", "threads"):
+        df[c] = pd.array(df[c], dtype="Int64")
+    for c in ("median_s", "p10_s", "p90_s"):
+        df[c] = df[c].astype(float)
+    for c in ("device", "model", "op", "phase", "dtype"):
+        df[c] = df[c].astype(str)
+    return df[PROFILE_COLUMNS]
+
+
+def write_profile(out: Path, rows: pd.DataFrame, header: dict) -> None:
+    """Write (or merge into) the profile in ``out``, each file atomically."""
+    out.mkdir(parents=True, exist_ok=True)
+    rows = _typed(rows)
+    if (out / PROFILE_HEADER).is_file() and (out / PROFILE_PARQUET).is_file():
+        try:
+            old_header = json.loads((out / PROFILE_HEADER).read_text())
+            old = pd.read_parquet(out / PROFILE_PARQUET)
+        except (OSError, ValueError):
+            old_header, old = None, None
+        if (old_header is not None and old_header.get("device") == header["device"]
+                and old_header.get("torch_threads") == header["torch_threads"]):
+            keep = old[(old["model"] != "") & ~old["model"].isin(list(header["models"]))]
+            if len(keep):
+                rows = _typed(pd.concat([keep, rows], ignore_index=True))
+                for field in ("models", "profiled_layers"):
+                    merged = {k: v for k, v in old_header.get(field, {}).items() if k not in header[field]}
+                    merged.update(header[field])
+                    header = {**header, field: merged}
+
+    def atomic(name: str, write: Callable[[Path], None]) -> None:
+        tmp = out / f".{name}.tmp"
+        write(tmp)
+        os.replace(tmp, out / name)
+
+    atomic(PROFILE_PARQUET, lambda p: rows.to_parquet(p, index=False))
+    atomic(PROFILE_CSV, lambda p: rows.to_csv(p, index=False))
+    atomic(PROFILE_HEADER, lambda p: p.write_text(json.dumps(header, indent=2) + "\n"))
+
+
+# --------------------------------------------------------------------------- CLI
+
+
+class _UsageError(Exception):
+    pass
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str):  # one line instead of usage + message
+        raise _UsageError(message)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = _Parser(prog=PROG, description="Measure the cost tables of the MoE ops on this machine's device "
+                "(see real_backend/profile.py); hw.table.Table reads them (e.g. moesim hw=this_cpu).")
+    p.add_argument("--device", choices=("cpu", "cuda"), default=None, help="default: cuda if available, else cpu")
+    p.add_argument("--models", default=",".join(DEFAULT_MODELS), metavar="A,B",
+                   help=f"conf/model names to profile (default {','.join(DEFAULT_MODELS)})")
+    p.add_argument("-o", "--output", default=None, metavar="DIR", help="output directory (default profiles/<device>/)")
+    p.add_argument("--quick", action="store_true", help="fewer points and passes (seconds, for tests and smoke runs)")
+    p.add_argument("--threads", type=int, default=None, metavar="N",
+                   help="torch intra-op threads (default 1 on cpu, torch's default on cuda); the executor "
+                        "must use the same")
+    p.add_argument("--max-layers", type=int, default=None, metavar="N",
+                   help="build only the first N layers of each model (for models too large for this device; "
+                        "per-layer op costs do not depend on the depth)")
+    p.add_argument("--seed", type=int, default=0, help="seed for weights and routing (default 0)")
+    return p
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    parser = build_parser()
+    try:
+        args = parser.parse_args(argv)
+        models = [m.strip() for m in args.models.split(",") if m.strip()]
+        t0 = time.perf_counter()
+        out = run_profile(models, args.device, args.output, quick=args.quick, threads=args.threads,
+                          seed=args.seed, max_layers=args.max_layers,
+                          log=lambda s: print(f"{PROG}: {s}", file=sys.stderr, flush=True))
+        rows = pd.read_parquet(out / PROFILE_PARQUET)
+        print(f"{PROG}: wrote {out}/{{{PROFILE_PARQUET},{PROFILE_CSV},{PROFILE_HEADER}}}: {len(rows)} rows, "
+              f"models {', '.join(models)}, {time.perf_counter() - t0:.1f} s")
+        return 0
+    except _UsageError as exc:
+        msg = str(exc)
+    except ConfigError as exc:
+        msg = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+    except SystemExit as exc:  # --help
+        return int(exc.code or 0)
+    print(f"{PROG}: error: {msg}", file=sys.stderr)
+    return EXIT_BAD_INPUT
+
+
+def entry() -> None:
+    sys.exit(main())
+
+
+if __name__ == "__main__":
+    entry()

@@ -1,0 +1,250 @@
+"""moesim-profile writes well-formed cost tables; hw.table.Table interpolates them and drives the
+simulator with hw=this_cpu. The profile here is a --quick run of the two CPU presets (seconds)."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from dataclasses import replace
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from hw.cost import BatchShape
+from hw.devices import LinkSpec
+from hw.table import PROFILE_COLUMNS, Curve, Grid, Table, model_signature
+from sim.config import compose_scenario
+from sim.engine import Engine, simulate
+from workloads.validation import ConfigError
+
+torch = pytest.importorskip("torch")
+
+from real_backend import profile as rp  # noqa: E402
+
+MODELS = ("mini_mixtral", "mini_qwen")
+
+
+@pytest.fixture(scope="module")
+def quick_profile(tmp_path_factory):
+    out = tmp_path_factory.mktemp("profiles") / "cpu"
+    assert rp.main(["--device", "cpu", "--models", ",".join(MODELS), "-o", str(out), "--quick"]) == 0
+    return out
+
+
+@pytest.fixture(scope="module")
+def specs():
+    return {m: compose_scenario([f"model={m}"]).model for m in MODELS}
+
+
+def test_quick_profile_writes_well_formed_tables(quick_profile):
+    rows = pd.read_parquet(quick_profile / "profile.parquet")
+    csv = pd.read_csv(quick_profile / "profile.csv", keep_default_na=False, na_values=[""])
+    header = json.loads((quick_profile / "profile.json").read_text())
+    assert list(rows.columns) == PROFILE_COLUMNS and len(csv) == len(rows)
+    np.testing.assert_allclose(csv["median_s"], rows["median_s"])
+    assert header["device"] == "cpu" and header["torch_threads"] == 1 and header["quick"] is True
+    assert header["torch_version"] == torch.__version__ and header["date"] and header["machine"] is not None
+    assert set(header["models"]) == set(MODELS)
+    assert (rows["device"] == "cpu").all() and (rows["threads"] == 1).all() and (rows["dtype"] == "float32").all()
+    assert (rows["median_s"] > 0).all()
+    assert (rows["p10_s"] <= rows["median_s"]).all() and (rows["median_s"] <= rows["p90_s"]).all()
+    assert (rows["repeats"] >= rp.QUICK.min_passes).all()
+    for m in MODELS:
+        ops_seen = set(rows.loc[rows["model"] == m, "op"])
+        assert {"expert", "router", "combine", "embed", "lm_head", "attention", "layer_overhead"} <= ops_seen
+        mine = rows[(rows["model"] == m) & (rows["op"] == "expert") & (rows["phase"] == "")]
+        assert sorted(mine["tokens"]) == list(rp.QUICK.expert_tokens)
+        att = rows[(rows["model"] == m) & (rows["op"] == "attention")]
+        assert set(att["phase"]) == {"decode", "prefill"}
+        assert att[["batch", "context", "tokens"]].notna().all().all()
+    assert "shared_experts" in set(rows.loc[rows["model"] == "mini_qwen", "op"])
+    copies = rows[rows["op"] == "copy"]
+    assert set(copies["phase"]) == {"idle", "contended"} and (copies["model"] == "").all()
+    # Each model's expert size is one of the measured copy sizes.
+    assert {11010048, 1572864} <= set(copies["bytes"])
+
+
+def test_table_is_exact_at_measured_points(quick_profile, specs):
+    rows = pd.read_parquet(quick_profile / "profile.parquet")
+    link = LinkSpec("this_cpu_copy", "pcie", 1e12, 0.0)
+    table = Table(quick_profile, host_link=link)
+    for name, spec in specs.items():
+        r = rows[(rows["model"] == name) & (rows["phase"] == "")]
+        for op, fn in [("expert", table.expert_s), ("router", table.router_s), ("combine", table.combine_s),
+                       ("embed", table.embed_s), ("shared_experts", table.shared_experts_s)]:
+            for _, row in r[r["op"] == op].iterrows():
+                assert fn(spec, int(row["tokens"])) == pytest.approx(row["median_s"], rel=1e-12)
+        for _, row in r[r["op"] == "lm_head"].iterrows():
+            assert table.lm_head_s(spec, int(row["batch"])) == pytest.approx(row["median_s"], rel=1e-12)
+        att = rows[(rows["model"] == name) & (rows["op"] == "attention")]
+        overhead = dict(zip(r.loc[r["op"] == "layer_overhead", "tokens"].astype(int),
+                            r.loc[r["op"] == "layer_overhead", "median_s"]))
+        for _, row in att.iterrows():
+            B, c = int(row["batch"]), int(row["context"])
+            if row["phase"] == "decode":
+                shape = BatchShape(B, B, B * c, B * c)
+            else:
+                shape = BatchShape(B * c, B, B * c * (c + 1) // 2, B * c)
+            # The block's time plus the per-layer glue measured in the same passes.
+            expected = row["median_s"] + overhead[int(row["tokens"])]
+            assert table.attention_block_s(spec, shape) == pytest.approx(expected, rel=1e-12)
+    idle = rows[(rows["op"] == "copy") & (rows["phase"] == "idle")]
+    for _, row in idle.iterrows():
+        assert table.copy_s(float(row["bytes"]), link) == pytest.approx(row["median_s"], rel=1e-12)
+    # The CPU is its own host: host execution costs what the expert costs.
+    spec = specs["mini_mixtral"]
+    assert table.host_expert_s(spec, 3) == table.expert_s(spec, 3)
+    assert table.shared_experts_s(spec, 8) == 0.0 and table.dense_ffn_s(spec, 8) == 0.0
+
+
+def _between(v, a, b):
+    lo, hi = min(a, b), max(a, b)
+    return lo - 1e-15 <= v <= hi + 1e-15
+
+
+def test_table_is_monotone_between_measured_points(quick_profile, specs):
+    table = Table(quick_profile)
+    rows = pd.read_parquet(quick_profile / "profile.parquet")
+    for name, spec in specs.items():
+        r = rows[(rows["model"] == name) & (rows["op"] == "expert") & (rows["phase"] == "")].sort_values("tokens")
+        pts = list(zip(r["tokens"].astype(int), r["median_s"]))
+        for (x0, y0), (x1, y1) in zip(pts, pts[1:]):
+            vals = [table.expert_s(spec, n) for n in range(x0, x1 + 1)]
+            assert all(_between(v, y0, y1) for v in vals)
+            assert vals == sorted(vals) or vals == sorted(vals, reverse=True)
+        # Decode attention between two measured contexts at a measured batch, and between batches.
+        dec = rows[(rows["model"] == name) & (rows["op"] == "attention") & (rows["phase"] == "decode")].copy()
+        ovh = rows[(rows["model"] == name) & (rows["op"] == "layer_overhead")].set_index("tokens")["median_s"]
+        dec["median_s"] = dec["median_s"] + dec["tokens"].map(ovh)
+        B = int(dec["batch"].min())
+        line = dec[dec["batch"] == B].sort_values("context")
+        (c0, y0), (c1, y1) = list(zip(line["context"].astype(int), line["median_s"]))[:2]
+        vals = [table.attention_block_s(spec, BatchShape(B, B, B * c, B * c)) for c in range(c0, c1 + 1, 7)]
+        assert all(_between(v, y0, y1) for v in vals) and (vals == sorted(vals) or vals == sorted(vals, reverse=True))
+        b0, b1 = sorted(dec["batch"].astype(int).unique())[:2]
+        c = int(dec["context"].min())
+        z0, z1 = (float(dec[(dec["batch"] == b) & (dec["context"] == c)]["median_s"].iloc[0]) for b in (b0, b1))
+        for b in range(b0, b1 + 1):
+            assert _between(table.attention_block_s(spec, BatchShape(b, b, b * c, b * c)), z0, z1)
+        # Partly-prefill passes (speculative verification) fall between the decode and prefill grids.
+        t = table._tables(spec)
+        d, p = Table._attention_s(t, BatchShape(1, 1, 512, 512)), Table._attention_s(
+            t, BatchShape(512, 1, 512 * 513 // 2, 512))
+        assert _between(Table._attention_s(t, BatchShape(4, 1, 4 * 512, 512)), d, p)
+
+
+def test_curve_and_grid_rules():
+    c = Curve([1, 2, 4], [1.0, 2.0, 2.5])
+    assert c(0) == 1.0 and c(1) == 1.0 and c(3) == 2.25 and c(8) == pytest.approx(3.5)   # clamp, interp, extrap
+    assert Curve([1, 2], [2.0, 1.0])(10) == 1.0          # a falling last segment extrapolates flat
+    assert Curve([5], [3.0])(100) == 3.0
+    # Bilinear on a complete grid is exact for a + bB + cC + dBC, inside and beyond the grid.
+    f = lambda B, C: 1 + 2 * B + 3 * C + 0.5 * B * C
+    A, Cs = [1, 2, 4], [10, 20, 40]
+    g = Grid([a for a in A for _ in Cs], [x for _ in A for x in Cs], [f(a, x) for a in A for x in Cs])
+    for B, C in [(1, 10), (3, 15), (4, 40), (8, 80), (1.5, 33)]:
+        assert g(B, C) == pytest.approx(f(B, C))
+
+
+def test_table_refuses_models_it_was_not_profiled_for(quick_profile, specs):
+    table = Table(quick_profile)
+    mixtral = compose_scenario(["model=mixtral_8x7b"]).model
+    with pytest.raises(ConfigError) as e:
+        table.expert_s(mixtral, 1)
+    msg = str(e.value)
+    assert "\n" not in msg and "model=mixtral_8x7b was not profiled" in msg and "--models mixtral_8x7b" in msg
+    with pytest.raises(ConfigError, match=r"model\.top_k=3 differs from the 2 profiled") as e:
+        table.check(replace(specs["mini_mixtral"], top_k=3))
+    assert "\n" not in str(e.value)
+    # Layer count is not part of an op's cost: a deeper mini_mixtral uses the same tables.
+    table.check(replace(specs["mini_mixtral"], num_layers=8))
+    with pytest.raises(ConfigError, match=r"hw\.profile_dir=.*holds no cost tables"):
+        Table(quick_profile / "nowhere")
+
+
+def test_simulation_with_this_cpu_and_table_runs_end_to_end(quick_profile, specs):
+    common = ["model=mini_mixtral", "hw=this_cpu", f"hw.profile_dir={quick_profile}", "workload.num_requests=4",
+              "workload.prompt_len=16", "workload.output_len=8", "workload.batch_size=2", "sim.progress=false",
+              "policy.prefetch.capacity_per_layer=4"]
+    sc = compose_scenario(common)
+    assert sc.hw.cost_model == "table" and sc.hw.name == "this_cpu"
+    from workloads.requests import build_requests
+
+    reqs = build_requests(sc.workload, sc.model, sc.seed)
+    eng = Engine(sc, reqs)
+    assert isinstance(eng.cost, Table)
+    res = eng.run()
+    s = res.summary
+    assert s["tpot_s"] > 0 and s["ttft_s"] > 0 and s["decode_tokens"] > 0 and s["h2d_bytes"] > 0
+    table, spec = eng.cost, specs["mini_mixtral"]
+    # Attention time of a decode step is the table's, layer by layer.
+    step = res.steps.iloc[1]   # the first decode pass after the prefill of two 16-token prompts
+    assert step["phase"] == "decode" and step["batch_size"] == 2
+    per_layer = table.attention_block_s(spec, BatchShape(2, 2, 2 * 17, 2 * 17))
+    assert per_layer > 0 and step["attention_s"] == pytest.approx(spec.num_layers * per_layer)
+    # Copies take the measured copy time of one expert (no cap: bandwidth 1e12).
+    copies = (s["h2d_bytes"]) / spec.expert_bytes
+    measured = table.copy_s(spec.expert_bytes, sc.hw.host_link)
+    assert s["copy_engine_busy_s"] == pytest.approx(copies * measured)
+    rows = pd.read_parquet(quick_profile / "profile.parquet")
+    idle = rows[(rows["op"] == "copy") & (rows["phase"] == "idle") & (rows["bytes"] == spec.expert_bytes)]
+    assert measured == pytest.approx(float(idle["median_s"].iloc[0]))
+    # A bandwidth cap (mimicking PCIe at 1 GB/s) slows every copy to bytes / cap.
+    capped = simulate(compose_scenario(common + ["hw.host_link.bandwidth_bps=1e9"]))
+    n = capped.summary["h2d_bytes"] / spec.expert_bytes
+    assert capped.summary["copy_engine_busy_s"] == pytest.approx(n * spec.expert_bytes / 1e9)
+    assert capped.summary["tpot_s"] > s["tpot_s"]
+    # mini_qwen runs too; the roofline stays selectable on the same hardware description.
+    assert simulate(compose_scenario([c.replace("mini_mixtral", "mini_qwen") for c in common])).summary["tpot_s"] > 0
+    rl = Engine(compose_scenario(common + ["hw.cost_model=roofline"]), reqs)
+    assert not isinstance(rl.cost, Table)
+
+
+def test_missing_profile_dir_and_unprofiled_model_are_one_line_errors(tmp_path, quick_profile):
+    with pytest.raises(ConfigError, match=r"hw\.profile_dir=.*holds no cost tables.*run moesim-profile") as e:
+        compose_scenario(["hw=this_cpu", f"hw.profile_dir={tmp_path / 'none'}"])
+    assert "\n" not in str(e.value)
+    sc = compose_scenario(["hw=this_cpu", f"hw.profile_dir={quick_profile}", "model=olmoe_1b_7b",
+                           "sim.progress=false"])
+    with pytest.raises(ConfigError, match="model=olmoe_1b_7b was not profiled"):
+        simulate(sc)
+
+
+def test_profiles_merge_by_model_and_cli_errors(tmp_path, capsys):
+    tiny = rp.Sweep(expert_tokens=(1, 4), decode_batches=(1, 2), decode_contexts=(16, 32), prefill_seqs=(1,),
+                    prefill_lens=(8,), prefill_max_tokens=64, copy_bytes=(4096,), extra_expert_tokens=(1,),
+                    warmup=1, min_passes=1, max_passes=1, pass_budget_s=0.0, min_repeats=2, max_repeats=3,
+                    budget_s=0.0, kv_budget_bytes=1e8, copy_pool_bytes=1 << 16)
+    base = compose_scenario(["model=mini_qwen"]).model
+    a = replace(base, name="tiny_a", hidden_size=64, expert_intermediate_size=32, num_experts=4, top_k=2,
+                shared_expert_intermediate_size=64, num_attention_heads=2, num_kv_heads=2, head_dim=32,
+                vocab_size=64, num_layers=2)
+    b = replace(a, name="tiny_b", num_shared_experts=0, shared_expert_intermediate_size=0)
+    rp.run_profile([a], "cpu", tmp_path, sweep=tiny)
+    rp.run_profile([b], "cpu", tmp_path, sweep=tiny)
+    header = json.loads((tmp_path / "profile.json").read_text())
+    assert set(header["models"]) == {"tiny_a", "tiny_b"} and header["models"]["tiny_a"] == model_signature(a)
+    rows = pd.read_parquet(tmp_path / "profile.parquet")
+    assert set(rows["model"]) == {"tiny_a", "tiny_b", ""}
+    assert len(rows[rows["op"] == "copy"]) == 2 * 2   # 4096 B and the tiny expert size, idle and contended
+    Table(tmp_path).check(a)
+    Table(tmp_path).check(b)
+
+    assert rp.main(["--models", "no_such_model", "-o", str(tmp_path / "x"), "--quick"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("moesim-profile: error: model=no_such_model is not a known model option")
+    assert "\n" not in err and not (tmp_path / "x").exists()
+    assert rp.main(["--threads", "0", "--models", "mini_qwen", "-o", str(tmp_path / "y")]) == 2
+    assert "--threads=0" in capsys.readouterr().err
+    if not torch.cuda.is_available():
+        assert rp.main(["--device", "cuda", "-o", str(tmp_path / "z")]) == 2
+        err = capsys.readouterr().err.strip()
+        assert err.startswith("moesim-profile: error: --device=cuda is not usable here") and "\n" not in err
+
+
+def test_hw_never_imports_torch():
+    code = "import sys, hw.table, hw.system, sim.engine; sys.exit('torch' in sys.modules)"
+    assert subprocess.run([sys.executable, "-c", code], cwd=str(__import__("pathlib").Path(__file__).parents[1])
+                          ).returncode == 0
