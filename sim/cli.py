@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import shutil
 import sys
 from pathlib import Path
@@ -19,6 +18,7 @@ import hydra
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig
 
+from workloads.io import atomic_write
 from workloads.validation import ConfigError
 
 from .config import CONFIG_NAME, check_group_overrides, to_plain
@@ -47,22 +47,16 @@ def _remove_if_only_hydra_files(out_dir: Path) -> None:
         shutil.rmtree(parent, ignore_errors=True)
 
 
-def _atomic_write(path: Path, write) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    write(tmp)
-    os.replace(tmp, path)
-
-
 def write_outputs(result, out_dir: Path) -> None:
     """summary.json, steps.parquet, requests.parquet (+ timeline.json), each written atomically."""
     out_dir.mkdir(parents=True, exist_ok=True)
-    _atomic_write(out_dir / "steps.parquet", lambda p: result.steps.to_parquet(p, index=False))
-    _atomic_write(out_dir / "requests.parquet", lambda p: result.requests.to_parquet(p, index=False))
+    atomic_write(out_dir / "steps.parquet", lambda p: result.steps.to_parquet(p, index=False))
+    atomic_write(out_dir / "requests.parquet", lambda p: result.requests.to_parquet(p, index=False))
     if result.timeline is not None:
-        _atomic_write(out_dir / "timeline.json",
+        atomic_write(out_dir / "timeline.json",
                       lambda p: p.write_text(json.dumps({"traceEvents": result.timeline,
                                                          "displayTimeUnit": "ms"})))
-    _atomic_write(out_dir / "summary.json",
+    atomic_write(out_dir / "summary.json",
                   lambda p: p.write_text(json.dumps(result.summary, indent=2, sort_keys=True) + "\n"))
 
 

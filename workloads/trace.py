@@ -33,8 +33,6 @@ output_len = T``. Ragged or missing records are reported, never invented: see ``
 from __future__ import annotations
 
 import json
-import os
-import tempfile
 import warnings
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, fields
@@ -47,6 +45,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
+from .io import atomic_write
 from .model import ModelSpec
 from .validation import ConfigError
 
@@ -273,18 +272,7 @@ def write_trace(path, df: pd.DataFrame, meta: TraceMeta) -> None:
     path = Path(path)
     meta.validate(f"trace {path}")
     table = _frame_to_table(df, f"trace {path}").replace_schema_metadata(meta.to_metadata())
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
-        pq.write_table(table, tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except FileNotFoundError:
-            pass
-        raise
+    atomic_write(path, lambda tmp: pq.write_table(table, tmp))
 
 
 def _read_table(path) -> tuple[pa.Table, TraceMeta]:

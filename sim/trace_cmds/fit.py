@@ -10,16 +10,14 @@ statistics, the generator's at the fitted knobs, uncertainties, notes). Prints t
 from __future__ import annotations
 
 import argparse
-import os
-import tempfile
 import time
 from importlib import resources
-from pathlib import Path
 from typing import Optional
 
 import yaml
 
 from workloads.fit import PRIORITIES, WORKLOAD_KEY_DOCS, fit_trace, moesim_overrides
+from workloads.io import atomic_write
 from workloads.trace import TraceMeta
 from workloads.validation import ConfigError
 
@@ -82,19 +80,7 @@ def params_yaml(params: dict, header: list[str]) -> str:
 
 
 def write_text(path, text: str) -> None:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w") as f:
-            f.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except FileNotFoundError:
-            pass
-        raise
+    atomic_write(path, lambda tmp: tmp.write_text(text))
 
 
 def register(subparsers) -> None:

@@ -10,8 +10,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import tempfile
 import time
 from pathlib import Path
 from typing import Optional
@@ -19,6 +17,7 @@ from typing import Optional
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from workloads.io import atomic_write
 from workloads.trace import TraceError, TraceMeta, load_trace_requests
 from workloads.trace_stats import POLICIES, format_report, model_for_trace, trace_statistics
 from workloads.validation import ConfigError
@@ -59,20 +58,8 @@ def load_trace(path, on_ragged: str = "error", limit: Optional[int] = None):
 
 def write_json(path, obj) -> None:
     """Write ``obj`` as JSON atomically (strict: no NaN)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w") as f:
-            json.dump(obj, f, indent=1, allow_nan=False)
-            f.write("\n")
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except FileNotFoundError:
-            pass
-        raise
+    text = json.dumps(obj, indent=1, allow_nan=False) + "\n"  # fails before anything is written
+    atomic_write(path, lambda tmp: tmp.write_text(text))
 
 
 def register(subparsers) -> None:
