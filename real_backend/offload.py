@@ -87,7 +87,7 @@ from typing import Any, Iterable, Literal, Mapping, Optional, Sequence
 import torch
 
 from sim.engine import DEMAND_PRIORITY, PREFETCH_PRIORITY_BASE
-from sim.memory import STAGING_EXPERTS
+from sim.memory import STAGING_EXPERTS, ExpertCache
 from sim.policies.base import (ExpertKey, Plan, PolicyContext, Prefetch, PrefetchPolicy, RunOnHost, StepInfo)
 from workloads.validation import ConfigError
 
@@ -290,13 +290,14 @@ class HostStore:
 
 
 # ============================================================================================ slot pool
-class DeviceSlotPool:
+class DeviceSlotPool(ExpertCache):
     """Preallocated device buffers holding cached experts, and the ``CacheView`` over them.
 
     ``cache_scope=per_layer``: each MoE layer in ``moe_layers`` has ``slots_per_layer`` slots;
     ``global``: one pool of ``total_slots`` for all layers. ``staging`` extra buffers hold experts
     that must run but get no slot. The bookkeeping (``resident``, ``in_flight``, ``pinned``,
-    ``used``) and the CacheView answers are those of ``sim.memory.ExpertCache``.
+    ``used``), the CacheView answers and the initial fill order are inherited from
+    ``sim.memory.ExpertCache``; this class adds the buffers and which slot each expert occupies.
     """
 
     def __init__(self, layout: ExpertLayout, moe_layers: Sequence[int], cache_scope: str = "per_layer",
@@ -305,24 +306,21 @@ class DeviceSlotPool:
                  _cuda: Optional[_TorchCuda] = None):
         self.layout = layout
         self.device = torch.device(device)
-        self.moe_layers = tuple(moe_layers)
         if cache_scope not in ("per_layer", "global"):
             raise ConfigError(f"cache_scope={cache_scope!r} is invalid; allowed: per_layer, global")
-        self.per_layer = cache_scope == "per_layer"
         self.cache_scope = cache_scope
-        if self.per_layer:
+        if cache_scope == "per_layer":
             if slots_per_layer is None or slots_per_layer < 1:
                 raise ConfigError(f"capacity_per_layer={slots_per_layer!r} is invalid; cache_scope=per_layer "
                                   f"needs an integer >= 1")
-            self.capacity = {layer: int(slots_per_layer) for layer in self.moe_layers}
             self.slots_per_layer: Optional[int] = int(slots_per_layer)
-            self.total_slots = int(slots_per_layer) * len(self.moe_layers)
+            self.total_slots = int(slots_per_layer) * len(tuple(moe_layers))
         else:
             if total_slots is None or total_slots < 1:
                 raise ConfigError(f"total_slots={total_slots!r} is invalid; cache_scope=global needs an integer >= 1")
-            self.capacity = {-1: int(total_slots)}
             self.slots_per_layer = None
             self.total_slots = int(total_slots)
+        self._init_pools(cache_scope, self.slots_per_layer, self.total_slots, moe_layers)
         if staging < 1:
             raise ConfigError(f"staging_buffers={staging!r} is invalid; must be >= 1")
         span = layout.span_bytes
@@ -338,83 +336,40 @@ class DeviceSlotPool:
         # CUDA only: per buffer, the compute-stream event after its last use (None = never used).
         self.fences: dict[tuple[int, int], Any] = {}
         self.staging_fences: list[Any] = [None] * staging
-        self.used = {b: 0 for b in self.capacity}
-        self.resident: set[ExpertKey] = set()
-        self.in_flight: set[ExpertKey] = set()
-        self.pinned: set[ExpertKey] = set()
 
     def bucket(self, layer: int) -> int:
-        return layer if self.per_layer else -1
-
-    # ---- CacheView
-    def is_resident(self, layer: int, expert: int) -> bool:
-        return (layer, expert) in self.resident
-
-    def is_in_flight(self, layer: int, expert: int) -> bool:
-        return (layer, expert) in self.in_flight
-
-    def can_evict(self, layer: int, expert: int) -> bool:
-        key = (layer, expert)
-        return key in self.resident and key not in self.pinned
-
-    def free_slots(self, layer: int) -> int:
-        b = self.bucket(layer)
-        return self.capacity[b] - self.used[b]
+        return self._bucket(layer)
 
     # ---- engine-side mutations (main thread only)
     def reserve(self, key: ExpertKey) -> torch.Tensor:
         """Take a free slot for ``key`` (now in flight); returns the slot's byte buffer."""
         key = _key(key)
-        b = self.bucket(key[0])
-        if self.used[b] >= self.capacity[b]:
-            raise RuntimeError(f"no free slot for expert {key}")
         if key in self._slot:
             raise RuntimeError(f"expert {key} already holds a slot")
+        super().reserve(key)
+        b = self._bucket(key[0])
         idx = heapq.heappop(self._free[b])
         self._slot[key] = idx
-        self.used[b] += 1
-        self.in_flight.add(key)
         return self._buffers[b][idx]
 
     def land(self, key: ExpertKey) -> None:
-        key = _key(key)
-        self.in_flight.discard(key)
-        self.resident.add(key)
+        super().land(_key(key))
 
     def evict(self, key: ExpertKey) -> None:
         key = _key(key)
-        if not self.can_evict(*key):
-            raise RuntimeError(f"policy chose {key} as victim, but it is not evictable")
-        self.resident.remove(key)
-        b = self.bucket(key[0])
-        self.used[b] -= 1
-        heapq.heappush(self._free[b], self._slot.pop(key))
+        super().evict(key)
+        heapq.heappush(self._free[self._bucket(key[0])], self._slot.pop(key))
 
     def place(self, key: ExpertKey, src: torch.Tensor) -> None:
         """Make ``key`` resident now by a synchronous copy of ``src`` (initial residency)."""
         self.reserve(key).copy_(src)
         self.land(key)
 
-    def initial_order(self, num_experts: int) -> list[ExpertKey]:
-        """The experts ``ExpertCache.initial_fill`` puts in: lowest ids, layer by layer (round-robin
-        over layers for a global pool)."""
-        order: list[ExpertKey] = []
-        if self.per_layer:
-            for layer in self.moe_layers:
-                order.extend((layer, e) for e in range(min(self.capacity[layer], num_experts)))
-        else:
-            slots = self.capacity[-1]
-            for e in range(num_experts):
-                for layer in self.moe_layers:
-                    if len(order) < slots:
-                        order.append((layer, e))
-        return order
-
     def slot_id(self, key: ExpertKey) -> Optional[tuple[int, int]]:
         """(bucket, slot index) of a reserved expert, None if it holds no slot."""
         key = _key(key)
         idx = self._slot.get(key)
-        return None if idx is None else (self.bucket(key[0]), idx)
+        return None if idx is None else (self._bucket(key[0]), idx)
 
     def buffer(self, key: ExpertKey) -> torch.Tensor:
         b, idx = self.slot_id(key)

@@ -94,9 +94,14 @@ class ExpertCache:
     """
 
     def __init__(self, budget: MemoryBudget, moe_layers: tuple[int, ...]):
-        self.per_layer = budget.cache_scope == "per_layer"
-        self.capacity = {layer: budget.slots_per_layer for layer in moe_layers} if self.per_layer \
-            else {-1: budget.total_slots}
+        self._init_pools(budget.cache_scope, budget.slots_per_layer, budget.total_slots, moe_layers)
+
+    def _init_pools(self, cache_scope: str, slots_per_layer: Optional[int], total_slots: int,
+                    moe_layers) -> None:
+        self.moe_layers = tuple(moe_layers)
+        self.per_layer = cache_scope == "per_layer"
+        self.capacity = {layer: slots_per_layer for layer in self.moe_layers} if self.per_layer \
+            else {-1: total_slots}
         self.used = {b: 0 for b in self.capacity}
         self.resident: set[ExpertKey] = set()
         self.in_flight: set[ExpertKey] = set()
@@ -143,19 +148,24 @@ class ExpertCache:
         self.resident.remove(key)
         self.used[self._bucket(key[0])] -= 1
 
-    def initial_fill(self, model: ModelSpec) -> list[ExpertKey]:
-        """Fill every pool with the lowest expert ids, layer by layer (round-robin for a global pool)."""
+    def initial_order(self, num_experts: int) -> list[ExpertKey]:
+        """The experts an initial fill loads: lowest ids, layer by layer (round-robin over layers for
+        a global pool), as many as the pools hold."""
         order: list[ExpertKey] = []
         if self.per_layer:
-            for layer in model.moe_layers:
-                for e in range(min(self.capacity[layer], model.num_experts)):
-                    order.append((layer, e))
+            for layer in self.moe_layers:
+                order.extend((layer, e) for e in range(min(self.capacity[layer], num_experts)))
         else:
             slots = self.capacity[-1]
-            for e in range(model.num_experts):
-                for layer in model.moe_layers:
+            for e in range(num_experts):
+                for layer in self.moe_layers:
                     if len(order) < slots:
                         order.append((layer, e))
+        return order
+
+    def initial_fill(self, model: ModelSpec) -> list[ExpertKey]:
+        """Make the ``initial_order`` experts resident without copies; returns them in load order."""
+        order = self.initial_order(model.num_experts)
         for key in order:
             self.place(key)
         return order
