@@ -1,0 +1,499 @@
+"""The real executor: run a ``Scenario`` on the PyTorch ``MoEModel`` with experts offloaded for real.
+
+``RealExecutor(scenario, requests).run()`` is the wall-clock twin of ``sim.engine.simulate``: same
+scenario, same requests, same policy objects, same record schema, same summariser.
+
+* **Model**: ``MoEModel(scenario.model)`` with random weights seeded by ``scenario.seed`` (float32
+  on CPU, bfloat16 on CUDA: on CUDA set ``model.weight_bytes_per_param=2`` so byte counters agree).
+  Every routed expert moves into a ``HostStore`` (pinned on CUDA); the model keeps only its
+  non-expert weights.
+* **Routing is forced** from the requests' ``experts`` arrays (``model.forward(routing=...)``), so
+  the real run and the simulator see identical routing. The router GEMM still runs.
+* **Offloading**: an ``OffloadRuntime`` with the scenario's policy object
+  (``sim.policies`` registry). Its capacity is the simulator's: ``sim.memory.plan_memory`` over
+  ``hw.gpu.memory_bytes`` (weights that stay resident, KV cache, activations; the slot pool gets the
+  rest), or exactly ``policy.prefetch.capacity_per_layer`` when it is set. The copy engine's cap is
+  ``hw.host_link.bandwidth_bps`` (and ``latency_s``); ``bandwidth_bps >= 1e12`` (``hw=this_cpu``'s
+  default) means no cap. Policies with ``needs_future`` get ``sim.engine.record_future(...)``;
+  policies with ``uses_predictions`` get the requests' ``predicted`` arrays as the simulator does.
+  Lossy substitution (``speculating lossy=true``) is not supported here (one-line error).
+* **Serving loop**: ``sim.scheduler.BatchScheduler`` on the wall clock (``perf_counter`` from the run's
+  start); when nothing has arrived the executor sleeps until the next arrival. One pass is the
+  simulator's pass: prefill of admitted requests or decode of all running ones. Each pass feeds
+  real tokens (prompts drawn from the seed; decode feeds the argmax of the previous logits).
+* **Per-pass records** (``sim.engine.STEP_COLUMNS``, meanings of ``sim.metrics``): ``duration_s``
+  measured around the whole pass (policy calls included); ``attention_s`` (attention blocks),
+  ``expert_compute_s`` (routed experts), ``other_compute_s`` (embed, router, shared experts, dense
+  FFNs, combine, LM head) timed around the ops (``perf_counter`` on CPU, CUDA events on GPU);
+  ``copy_stall_s`` = time spent waiting in ``OffloadRuntime.weights()``; hits, misses, bytes and
+  prefetch counters from the runtime. Unlike the simulator, the five time columns do not add up to
+  ``duration_s``: the rest is Python, policy and bookkeeping overhead (``summary["overhead_s"]``).
+* **Outputs**: ``RunResult`` (``sim.engine``), so ``sim.cli.write_outputs`` writes the same files
+  as ``moesim``. ``timeline=True`` adds a Chrome trace: passes and ops on the compute track, the
+  runtime's copy records on the copy track. ``torch_profile=PATH`` also writes a torch.profiler
+  Chrome trace.
+
+CUDA: the op timer records CUDA events and resolves them at the end of each pass (after a
+synchronize); written, not run on a GPU here.
+"""
+
+from __future__ import annotations
+
+import gc
+import sys
+import time
+from contextlib import nullcontext
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Optional
+
+import numpy as np
+import pandas as pd
+import torch
+
+from hw.cost import CostModel, Roofline
+from hw.system import HOST, System, gpu_node
+from sim.engine import REQUEST_COLUMNS, STEP_COLUMNS, RunResult, host_crossover_tokens, record_future
+from sim.memory import default_activation_bytes, plan_memory
+from sim.metrics import summarize
+from sim.policies.base import PrefetchPolicy, StepInfo, prefetch_policy_class
+from sim.scenario import Scenario
+from sim.scheduler import BatchScheduler, RunningRequest
+from workloads.requests import Request, build_requests
+from workloads.validation import ConfigError
+
+from . import ops
+from .model import MoEModel
+from .offload import HostStore, OffloadRuntime
+
+NO_CAP_BPS = 1e12   # a host-link bandwidth at or above this is "no cap" (hw=this_cpu's default)
+ATTENTION_OPS = frozenset({"attention"})
+EXPERT_OPS = frozenset({"expert"})
+
+
+def build_model_and_store(scenario: Scenario, device: Optional[str | torch.device] = None,
+                          dtype: Optional[torch.dtype] = None) -> tuple[MoEModel, HostStore]:
+    """The scenario's model (random weights, ``scenario.seed``) with its routed experts moved into a
+    ``HostStore`` (the model keeps only non-expert weights). Reusable across runs of one model."""
+    dev = ops.resolve_device(device)
+    model = MoEModel(scenario.model, dev, dtype, seed=scenario.seed, expert_device="cpu")
+    experts = {k: w.tensors for k, w in model.experts.items()}
+    store = HostStore.for_device(experts, dev)
+    model.experts = {}
+    del experts
+    return model, store
+
+
+class _OpTimer:
+    """``op_timer`` for ``MoEModel.forward``: times each op into the pass's categories and, when
+    asked, keeps spans for the timeline. Also closes the runtime's layer before ``combine``."""
+
+    def __init__(self, ex: "RealExecutor"):
+        self.ex = ex
+        self.cuda = ex.device.type == "cuda"
+        self.reset()
+
+    def reset(self) -> None:
+        self.attention_s = self.expert_s = self.other_s = self.host_expert_s = 0.0
+        self.spans: list[tuple[str, str, Any, Any]] = []   # (category, name, start, end)
+
+    def __call__(self, op: str, layer: Optional[int], expert: Optional[int]):
+        ex = self.ex
+        if op == "combine" and ex._layer_open:
+            ex._close_layer()   # expert compute issued: release staging buffers, unpin (not timed)
+        if op == "attention":
+            cat = "attention"
+        elif op == "expert":
+            cat = "host_expert" if expert in ex._host_experts else "expert"
+        else:
+            cat = "other"
+        name = op if layer is None else (f"{op} L{layer}" if expert is None else f"{op} L{layer} E{expert}")
+        return _Span(self, cat, name)
+
+    def add(self, cat: str, dt: float) -> None:
+        if cat == "attention":
+            self.attention_s += dt
+        elif cat == "expert":
+            self.expert_s += dt
+        elif cat == "host_expert":
+            self.host_expert_s += dt
+        else:
+            self.other_s += dt
+
+    def resolve_cuda(self) -> None:
+        """CUDA: turn the pass's event pairs into seconds (call after a synchronize)."""
+        if not self.cuda:
+            return
+        for cat, _, a, b in self.spans:
+            self.add(cat, a.elapsed_time(b) / 1e3)
+
+
+class _Span:
+    __slots__ = ("timer", "cat", "name", "t0", "ev")
+
+    def __init__(self, timer: _OpTimer, cat: str, name: str):
+        self.timer, self.cat, self.name = timer, cat, name
+
+    def __enter__(self):
+        if self.timer.cuda:
+            self.ev = torch.cuda.Event(enable_timing=True)
+            self.ev.record()
+        else:
+            self.t0 = time.perf_counter()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        t = self.timer
+        if t.cuda:
+            end = torch.cuda.Event(enable_timing=True)
+            end.record()
+            t.spans.append((self.cat, self.name, self.ev, end))
+            return
+        t1 = time.perf_counter()
+        t.add(self.cat, t1 - self.t0)
+        if t.ex.timeline is not None:
+            t.spans.append((self.cat, self.name, self.t0, t1))
+
+
+@dataclass
+class _Seq:
+    slot: int
+    next_token: int
+
+
+class RealExecutor:
+    """Runs ``scenario`` over ``requests`` on the real model; ``run()`` returns a ``RunResult``.
+
+    ``model``/``store`` (from ``build_model_and_store``) may be shared between runs of the same
+    model. ``cost`` is used only for what a policy needs from a cost model (the host crossover of
+    ``fiddler``, the first run of ``record_future``); default: the scenario's cost model if it
+    loads, else the roofline. ``threads``: torch intra-op threads during the run (default 1 on
+    CPU, as ``moesim-profile`` measures; the copy worker takes the other core).
+    """
+
+    def __init__(self, scenario: Scenario, requests: Optional[list[Request]] = None, *,
+                 device: Optional[str | torch.device] = None, model: Optional[MoEModel] = None,
+                 store: Optional[HostStore] = None, policy: Optional[PrefetchPolicy] = None,
+                 cost: Optional[CostModel] = None, threads: Optional[int] = None,
+                 timeline: Optional[bool] = None, torch_profile: Optional[str | Path] = None,
+                 warmup_passes: int = 1, worker_priority: str = "realtime", record_routing: bool = False,
+                 progress: bool = False):
+        self.scenario = scenario
+        self.spec = scenario.model
+        if requests is None:
+            requests = build_requests(scenario.workload, scenario.model, scenario.seed)
+        self.requests = sorted(requests, key=lambda r: r.arrival_s)
+        if not self.requests:
+            raise ConfigError("workload.num_requests=0 is invalid for the real executor; need at least one request")
+        self.policy = policy or prefetch_policy_class(scenario.prefetch.name)(scenario.prefetch)
+        if self.policy.substitutes:
+            raise ConfigError(f"policy/prefetch={scenario.prefetch.name} with lossy substitution is not supported "
+                              f"by the real executor; use lossy=false")
+        if self.policy.uses_predictions and any(r.predicted is None for r in self.requests):
+            raise ConfigError(
+                f"policy/prefetch={scenario.prefetch.name} needs predicted_experts in the router trace "
+                f"(record them with moesim-capture --predict lookahead); for traces without them use "
+                f"policy/prefetch=transition or speculating")
+        if model is not None:
+            self.device = model.device
+        else:
+            try:
+                self.device = ops.resolve_device(device)
+            except ValueError as exc:
+                raise ConfigError(f"device={device} is not usable: {exc}") from None
+        self.model, self.store = model, store
+        self._cost = cost
+        self.threads = threads if threads is not None else (1 if self.device.type == "cpu" else None)
+        self.timeline: Optional[list] = [] if (timeline if timeline is not None else scenario.sim.timeline) else None
+        self.torch_profile = Path(torch_profile) if torch_profile is not None else None
+        self.warmup_passes = warmup_passes
+        self.worker_priority = worker_priority
+        self.progress = progress
+        self._record = record_routing
+        self.recorded_passes: list[dict[int, list[int]]] = []      # per pass: layer -> experts that ran (sorted)
+        self.memory = self._plan_memory()
+        self._layer_open = False
+        self._host_experts: set[int] = set()
+
+    # ------------------------------------------------------------------ set-up
+    def _plan_memory(self):
+        sc, wl = self.scenario, self.scenario.workload
+        longest = max(r.prompt_len + r.output_len for r in self.requests)
+        kv_tokens = sc.sim.kv_cache_tokens
+        if kv_tokens is None:
+            kv_tokens = min(wl.batch_size, len(self.requests)) * longest
+        act = sc.sim.activation_bytes
+        if act is None:
+            act = default_activation_bytes(self.spec, wl.max_prefill_tokens)
+        gpu = sc.hw.gpu
+        return plan_memory(self.spec, gpu.memory_bytes, gpu.reserved_bytes, kv_tokens, act,
+                           sc.prefetch.cache_scope, sc.prefetch.capacity_per_layer, sc.hw.name)
+
+    def _cost_model(self) -> CostModel:
+        if self._cost is None:
+            from hw.table import cost_model_for
+
+            try:
+                self._cost = cost_model_for(self.scenario.hw, self.spec)
+            except ConfigError:
+                self._cost = Roofline(self.scenario.hw.gpu, self.scenario.hw.cpu)
+        return self._cost
+
+    def _runtime(self) -> OffloadRuntime:
+        link = self.scenario.hw.host_link
+        bw = None if (link.bandwidth_bps >= NO_CAP_BPS or self.device.type == "cuda") else link.bandwidth_bps
+        lat = 0.0 if self.device.type == "cuda" else link.latency_s
+        mem = self.memory
+        return OffloadRuntime(self.store, self.policy, capacity_per_layer=mem.slots_per_layer,
+                              total_slots=mem.total_slots, cache_scope=mem.cache_scope, device=self.device,
+                              bandwidth_bps=bw, latency_s=lat, worker_priority=self.worker_priority)
+
+    # ------------------------------------------------------------------ run
+    def run(self) -> RunResult:
+        wall0 = time.perf_counter()
+        sc = self.scenario
+        if self.model is None or self.store is None:
+            self.model, self.store = build_model_and_store(sc, self.device)
+        future = None
+        if self.policy.needs_future:
+            future = record_future(sc, self.requests, self._cost_model())
+        system = System(sc.hw)   # the host crossover the simulator gives the policy (Fiddler)
+        (h2d_id,) = system.route(HOST, gpu_node(sc.sim.gpu))
+        crossover = host_crossover_tokens(self._cost_model(), self.spec, system.links()[h2d_id])
+        old_threads = torch.get_num_threads()
+        if self.threads:
+            torch.set_num_threads(self.threads)
+        gc_was = gc.isenabled()
+        rt = self._runtime()
+        try:
+            try:
+                rt.start(self.spec, seed=sc.seed, initial_residency=sc.sim.initial_residency,
+                         host_crossover_tokens=crossover, future=future)
+            except ValueError as exc:
+                raise ConfigError(str(exc).splitlines()[0]) from None
+            self.rt = rt
+            with torch.inference_mode():
+                self._warmup()
+            gc.collect()
+            gc.disable()
+            prof = None
+            if self.torch_profile is not None:
+                acts = [torch.profiler.ProfilerActivity.CPU]
+                if self.device.type == "cuda":
+                    acts.append(torch.profiler.ProfilerActivity.CUDA)
+                prof = torch.profiler.profile(activities=acts)
+            with (prof if prof is not None else nullcontext()), torch.inference_mode():
+                self._serve()
+            if prof is not None:
+                self.torch_profile.parent.mkdir(parents=True, exist_ok=True)
+                prof.export_chrome_trace(str(self.torch_profile))
+            copy_busy = rt.copier.busy_s
+            records = rt.copy_records
+            sched = rt.copier.sched
+        finally:
+            if gc_was:
+                gc.enable()
+            rt.close()
+            torch.set_num_threads(old_threads)
+        steps = pd.DataFrame(self._step_rows, columns=STEP_COLUMNS)
+        reqs = pd.DataFrame(self._request_rows, columns=REQUEST_COLUMNS)
+        summary = summarize(steps, reqs)
+        summary["sim_wall_s"] = time.perf_counter() - wall0
+        summary["events"] = 0
+        summary["engine"] = "real"
+        summary["device"] = self.device.type
+        summary["torch_threads"] = self.threads or torch.get_num_threads()
+        summary["copy_worker_sched"] = sched
+        summary["copy_engine_busy_s"] = copy_busy
+        summary["overhead_s"] = float((steps["duration_s"] - steps[["attention_s", "expert_compute_s",
+                                       "other_compute_s", "copy_stall_s", "host_stall_s",
+                                       "host_expert_s"]].sum(axis=1)).sum())
+        summary.update(self.policy.report())
+        if future is not None:
+            summary["future_passes_overridden"] = future.overridden
+        summary["expert_slots"] = self.memory.total_slots
+        summary["expert_budget_bytes"] = self.memory.expert_budget_bytes
+        summary.update(sc.choices())
+        if self.timeline is not None:
+            track = f"copy {HOST}->{gpu_node(sc.sim.gpu)}"
+            self.timeline.extend(r.span(self._t0, track) for r in records)
+        self.copy_records = records
+        return RunResult(steps, reqs, summary, self.memory, self.timeline)
+
+    def _warmup(self) -> None:
+        """Untimed passes on a scratch KV cache, experts straight from the host store (the cache and
+        the policy are untouched): first-call allocations and lazy initialisation are not timed."""
+        if self.warmup_passes <= 0:
+            return
+        model, store = self.model, self.store
+        r = self.requests[0]
+        n = max(1, min(r.prompt_len, 64))
+        cache = model.new_cache(1, n + self.warmup_passes + 1)
+        slot = cache.allocate()
+        ids = r.experts[:n].astype(np.int64)
+        get = lambda layer, e: store.tensors((layer, e))  # noqa: E731
+        routing = {layer: ids[:, m, :] for m, layer in enumerate(model.moe_layers)}
+        out = model.forward([[1] * n], cache, [slot], routing=routing, get_expert=get)
+        for i in range(self.warmup_passes):
+            row = r.experts[min(n + i, len(r.experts) - 1)].astype(np.int64)
+            routing = {layer: row[m][None, :] for m, layer in enumerate(model.moe_layers)}
+            out = model.forward([[int(out.logits[0].argmax())]], cache, [slot], routing=routing, get_expert=get)
+        ops.synchronize(self.device)
+
+    # ------------------------------------------------------------------ serving loop
+    def _serve(self) -> None:
+        sc, wl = self.scenario, self.scenario.workload
+        self._step_rows: list[dict] = []
+        self._request_rows: list[dict] = []
+        self._just_finished: list[int] = []
+        self._seqs: dict[int, _Seq] = {}
+        longest = max(r.prompt_len + r.output_len for r in self.requests)
+        self.kv = self.model.new_cache(max(1, min(wl.batch_size, len(self.requests))), longest + 1)
+        self._timer = _OpTimer(self)
+        self._rng = np.random.default_rng(sc.seed + 17)
+        sched = BatchScheduler(self.requests, wl.batch_size, wl.max_prefill_tokens)
+        bar = None
+        if self.progress:
+            from tqdm import tqdm
+
+            bar = tqdm(total=len(self.requests), unit="req", desc="real", file=sys.stderr, leave=False)
+        self._t0 = time.perf_counter()
+        step = 0
+        while not sched.done():
+            now = time.perf_counter() - self._t0
+            p = sched.next_pass(now)
+            if p is None:
+                time.sleep(max(0.0, sched.next_arrival_s() - now))
+                continue
+            self._forward(p.phase, p.batch, step)
+            for r in sched.complete(p, time.perf_counter() - self._t0):
+                self._finish(r)
+                if bar is not None:
+                    bar.update(1)
+            step += 1
+        if bar is not None:
+            bar.close()
+
+    def _finish(self, r: RunningRequest) -> None:
+        now = time.perf_counter() - self._t0
+        req = r.req
+        tpot = (now - r.first_token_s) / (req.output_len - 1) if req.output_len > 1 else float("nan")
+        self._request_rows.append({
+            "request_id": req.request_id, "arrival_s": req.arrival_s, "prompt_len": req.prompt_len,
+            "output_len": req.output_len, "first_token_s": r.first_token_s, "finish_s": now,
+            "ttft_s": r.first_token_s - req.arrival_s, "tpot_s": tpot})
+        seq = self._seqs.pop(req.request_id, None)
+        if seq is not None:
+            self.kv.release(seq.slot)
+        self._just_finished.append(req.request_id)
+
+    # ------------------------------------------------------------------ one pass
+    def _forward(self, phase: str, batch: list[RunningRequest], step: int) -> None:
+        model, rt, spec, timer = self.model, self.rt, self.spec, self._timer
+        t_start = time.perf_counter()
+        V = spec.vocab_size
+        if phase == "decode":
+            rows = np.stack([r.req.experts[r.pos] for r in batch])
+            tokens = [[self._seqs[r.req.request_id].next_token] for r in batch]
+        else:
+            rows = np.concatenate([r.req.experts[: r.req.prompt_len] for r in batch])
+            tokens = []
+            for r in batch:
+                self._seqs[r.req.request_id] = _Seq(self.kv.allocate(), 0)
+                tokens.append(self._rng.integers(0, V, size=r.req.prompt_len).tolist())
+        slots = [self._seqs[r.req.request_id].slot for r in batch]
+        rows = rows.astype(np.int64)
+        routing = {layer: rows[:, m, :] for m, layer in enumerate(spec.moe_layers)}
+        T = int(rows.shape[0])
+        self._pred_rows = None
+        if self.policy.uses_predictions and all(r.req.predicted is not None for r in batch):
+            self._pred_rows = (np.stack([r.req.predicted[r.pos] for r in batch]) if phase == "decode"
+                               else np.concatenate([r.req.predicted[: r.req.prompt_len] for r in batch]))
+        composition = tuple(r.req.request_id for r in batch)
+        timer.reset()
+        self._step, self._active, self._ran = step, [], {}
+        rt.begin_step(StepInfo(step, phase, composition, T, tuple(self._just_finished)))
+        self._just_finished.clear()
+        out = model.forward(tokens, self.kv, slots, routing=routing, get_expert=self._get_expert,
+                            on_routed=self._on_routed, op_timer=timer)
+        nxt = out.logits.argmax(dim=-1).tolist()   # synchronises on CUDA
+        for r, tok in zip(batch, nxt):
+            self._seqs[r.req.request_id].next_token = int(tok)
+        c = rt.end_step(step)
+        t_end = time.perf_counter()
+        timer.resolve_cuda()
+        if self._record:
+            self.recorded_passes.append({layer: sorted(ran) for layer, ran in self._ran.items()})
+        start, end = t_start - self._t0, t_end - self._t0
+        if self.timeline is not None:
+            tl = self.timeline
+            tl.append(_span(f"{phase} step {step} (B={len(batch)})", "compute", start, end - start, "gpu compute"))
+            if not timer.cuda:
+                for cat, name, a, b in timer.spans:
+                    tl.append(_span(name, cat, a - self._t0, b - a, "ops"))
+        active = self._active
+        self._step_rows.append({
+            "step": step, "phase": phase, "start_s": start, "end_s": end, "duration_s": end - start,
+            "batch_size": len(batch), "tokens": T, "attention_s": timer.attention_s,
+            "expert_compute_s": timer.expert_s, "other_compute_s": timer.other_s,
+            "copy_stall_s": c.copy_stall_s, "host_stall_s": 0.0, "host_expert_s": timer.host_expert_s,
+            "h2d_bytes": c.h2d_bytes, "demand_bytes": c.demand_bytes, "prefetch_bytes": c.prefetch_bytes,
+            "hits": c.hits, "misses": c.misses, "late_prefetches": c.late_prefetches,
+            "prefetches": c.prefetches, "useful_prefetches": c.useful_prefetches,
+            "demand_loads": c.demand_loads, "host_runs": c.host_runs,
+            "wasted_prefetch_bytes": c.wasted_prefetch_bytes,
+            "active_experts_mean": sum(active) / len(active) if active else float("nan"),
+            "active_experts_per_layer": active})
+
+    def _on_routed(self, layer: int, experts: list[int], counts: list[int]) -> list[int]:
+        """The layer's router has run: the runtime's per-layer protocol (policy, demand loads,
+        prefetches); returns the order to run the experts: resident first, then those being
+        copied (routing order), then host-run ones (the simulator's order)."""
+        predicted = None
+        if self._pred_rows is not None:
+            m = self.spec.moe_layer_index[layer]
+            if m + 1 < len(self.spec.moe_layers):
+                p = np.unique(self._pred_rows[:, m, :])
+                predicted = {self.spec.moe_layers[m + 1]: p[p >= 0].tolist()}
+        acc = self.rt.begin_layer(self._step, layer, experts, counts, predicted)
+        self._layer_open = True
+        self._active.append(len(experts))
+        self._host_experts = set(acc.host)
+        self._prev_key = None
+        if acc.host:  # outputs of host-run experts come back to the device (as the simulator counts)
+            by_e = dict(zip(experts, counts))
+            for e in acc.host:
+                self.rt.count_activation_bytes(by_e[e] * self.spec.hidden_size * self.spec.act_bytes_per_elem)
+        return list(acc.on_device) + list(acc.host)
+
+    def _get_expert(self, layer: int, e: int):
+        rt = self.rt
+        if self._prev_key is not None:
+            rt.release(self._prev_key)   # its compute has been issued: a staging buffer may be reused
+            self._prev_key = None
+        key = (layer, e)
+        if self._record:
+            self._ran.setdefault(layer, []).append(int(e))
+        if e in self._host_experts:
+            w = self.store.tensors(key)
+            return tuple(t.to(self.device, non_blocking=True) for t in w) if self.device.type == "cuda" else w
+        w = rt.weights(key)
+        self._prev_key = key
+        return w
+
+    def _close_layer(self) -> None:
+        if self._prev_key is not None:
+            self.rt.release(self._prev_key)
+            self._prev_key = None
+        self.rt.end_layer()
+        self._layer_open = False
+        self._host_experts = set()
+
+
+def _span(name: str, cat: str, start_s: float, dur_s: float, track: str) -> dict:
+    return {"name": name, "cat": cat, "ph": "X", "ts": start_s * 1e6, "dur": dur_s * 1e6, "pid": 1, "tid": track}
+
+
+def execute(scenario: Scenario, requests: Optional[list[Request]] = None, **kwargs) -> RunResult:
+    """Build the requests (unless given) and run the scenario on the real backend."""
+    return RealExecutor(scenario, requests, **kwargs).run()

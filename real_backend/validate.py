@@ -1,0 +1,448 @@
+"""``moesim-validate``: run the real executor and the simulator on the same scenario and compare.
+
+    moesim-validate [KEY=VALUE ...] [--repeats N] [--profile-dir DIR] [-o OUT]
+                    [--sweep KEY=V1,V2 ...] [--torch-profile] [--device cpu|cuda]
+
+One validation: the scenario is composed with ``sim.config.compose_scenario`` (defaults below,
+then the user's overrides), the requests are built once (synthetic or trace) and shared by both
+engines. The real executor (``real_backend.executor``) runs ``--repeats`` times (default 3; medians
+are quoted); the simulator runs once with the measured ``Table`` cost model
+(``hw.cost_model=table``, ``hw.profile_dir`` = ``--profile-dir``, else the scenario's profile
+directory when it holds the model, else a ``moesim-profile --quick`` profile cached in
+``$MOESIM_CACHE`` or ``~/.cache/moesim/profile-<device>-quick``). Written into OUT
+(default ``validation/DATE-TIME``):
+
+* ``comparison.csv``: per metric (``tpot_s, ttft_s, throughput_tok_s, decode_step_s, copy_stall_s,
+  h2d_bytes, expert_hit_rate``) the simulated value, the real median (and min, max over repeats)
+  and the error ``(sim - real) / real`` in %; then the per-iteration relative error of
+  ``duration_s`` (passes matched by step index, real = median over repeats): ``iter_abs_err_mean``,
+  ``iter_abs_err_p50``, ``iter_abs_err_p99`` (of |error|) and ``iter_err_mean`` (signed), in %.
+* ``scatter.png``: simulated vs real per-iteration time.
+* ``sim_timeline.json``, ``real_timeline.json``: Chrome traces (the real one of the median run).
+* ``sim/`` and ``real/``: ``summary.json``, ``steps.parquet``, ``requests.parquet`` of each engine
+  (``sim.cli.write_outputs``; real = the run with the median TPOT), ``real_repeats.csv``: every
+  real run's summary.
+
+Defaults (each replaced by an override of the same key): ``hw=this_cpu model=mini_mixtral
+workload.num_requests=4 workload.prompt_len=32 workload.output_len=17`` (16 decode tokens)
+``hw.host_link.bandwidth_bps=4e9`` (a link cap the CPU shaper holds), and, unless the user sizes
+the expert cache (``policy.prefetch.capacity_per_layer``, ``hw.gpu.memory_bytes`` or another
+``hw``), ``policy.prefetch.capacity_per_layer`` = half the model's experts (4 of 8 for
+mini_mixtral, 16 of 32 for mini_qwen), so offloading matters.
+
+A sweep (``--sweep KEY=V1,V2 ...``, cartesian product over the keys, on top of the fixed
+overrides) runs one validation per cell into ``OUT/cells/NNN-.../`` and writes ``accuracy.csv``:
+one row per cell with its key values, sim and real TPOT, the TPOT error, and the policy ranking
+by TPOT within its group (the cells that differ only in ``policy/prefetch``): ``sim_rank``,
+``real_rank``, ``ranking_agrees`` (the whole group's order is the same). The cost tables are
+resolved (profiled if needed) once, before the first cell.
+
+Bad input prints one line ``moesim-validate: error: ...`` on stderr and exits with status 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as _dt
+import itertools
+import json
+import math
+import os
+import re
+import sys
+import time
+from pathlib import Path
+from typing import Callable, Optional, Sequence
+
+import numpy as np
+import pandas as pd
+
+from workloads.validation import ConfigError
+
+PROG = "moesim-validate"
+EXIT_BAD_INPUT = 2
+DEFAULT_OVERRIDES = ("hw=this_cpu", "model=mini_mixtral", "workload.num_requests=4", "workload.prompt_len=32",
+                     "workload.output_len=17", "hw.host_link.bandwidth_bps=4e9")
+CAPACITY_KEYS = ("policy.prefetch.capacity_per_layer", "hw.gpu.memory_bytes", "hw/gpu", "hw")
+METRICS = ("tpot_s", "ttft_s", "throughput_tok_s", "decode_step_s", "copy_stall_s", "h2d_bytes", "expert_hit_rate")
+POLICY_KEY = "policy/prefetch"
+
+
+def _key(override: str) -> str:
+    return override.split("=", 1)[0].lstrip("+~")
+
+
+def with_defaults(overrides: Sequence[str]) -> list[str]:
+    """The default overrides whose keys the user did not set, then the user's; and, unless the user
+    sized the expert cache (``policy.prefetch.capacity_per_layer``, ``hw.gpu.memory_bytes``, another
+    ``hw``), ``capacity_per_layer`` = half the model's experts, so offloading matters."""
+    keys = {_key(o) for o in overrides if "=" in o}
+    out = [d for d in DEFAULT_OVERRIDES if _key(d) not in keys] + list(overrides)
+    if not keys & set(CAPACITY_KEYS):
+        spec = _compose(out + ["sim.progress=false"]).model
+        out.append(f"policy.prefetch.capacity_per_layer={max(1, spec.num_experts // 2)}")
+    return out
+
+
+def _compose(overrides: Sequence[str]):
+    from hydra.errors import HydraException
+    from omegaconf.errors import OmegaConfBaseException
+
+    from sim.config import compose_scenario
+
+    try:
+        return compose_scenario(list(overrides))
+    except (HydraException, OmegaConfBaseException) as exc:
+        raise ConfigError(str(exc).strip().splitlines()[0]) from None
+
+
+# ------------------------------------------------------------------------------------ cost tables
+def _profiled(profile_dir: Path, model_name: str) -> bool:
+    try:
+        header = json.loads((profile_dir / "profile.json").read_text())
+    except (OSError, ValueError):
+        return False
+    return model_name in header.get("models", {})
+
+
+def default_cache_dir(device: str = "cpu") -> Path:
+    root = os.environ.get("MOESIM_CACHE")
+    return (Path(root) if root else Path.home() / ".cache" / "moesim") / f"profile-{device}-quick"
+
+
+def resolve_profile_dir(scenarios, profile_dir: Optional[str | Path], device: str = "cpu",
+                        log: Callable[[str], None] = lambda s: None) -> Path:
+    """The directory of cost tables for every scenario's model: ``profile_dir`` if given (it must
+    hold them), else the scenarios' ``hw.profile_dir`` if it holds them, else a quick profile
+    in the cache directory (profiled now for the models it lacks)."""
+    models = sorted({sc.model.name for sc in scenarios})
+    if profile_dir is not None:
+        d = Path(profile_dir)
+        missing = [m for m in models if not _profiled(d, m)]
+        if missing:
+            raise ConfigError(f"--profile-dir={profile_dir} holds no cost tables for model(s) {', '.join(missing)}; "
+                              f"run moesim-profile --models {','.join(missing)} -o {profile_dir}")
+        return d.resolve()
+    own = {Path(sc.hw.profile_dir) for sc in scenarios if getattr(sc.hw, "profile_dir", None)}
+    for d in own:
+        if all(_profiled(d, m) for m in models):
+            return d.resolve()
+    cache = default_cache_dir(device)
+    missing = [m for m in models if not _profiled(cache, m)]
+    if missing:
+        from .profile import run_profile
+
+        log(f"profiling {', '.join(missing)} (--quick) into {cache}")
+        run_profile(missing, device, cache, quick=True, log=lambda s: log(f"moesim-profile: {s}"))
+    return cache.resolve()
+
+
+# ------------------------------------------------------------------------------------ one validation
+def _median_index(values: Sequence[float]) -> int:
+    order = sorted(range(len(values)), key=lambda i: (math.inf if values[i] is None else values[i]))
+    return order[(len(order) - 1) // 2]
+
+
+def _num(v) -> float:
+    return float("nan") if v is None else float(v)
+
+
+def per_iteration(sim_steps: pd.DataFrame, real_runs: Sequence[pd.DataFrame]) -> pd.DataFrame:
+    """Per step index: simulated and real (median over repeats) duration and the relative error."""
+    real = pd.concat([r[["step", "duration_s"]] for r in real_runs]).groupby("step")["duration_s"].median()
+    sim = sim_steps.set_index("step")[["phase", "batch_size", "tokens", "duration_s"]]
+    df = sim.join(real.rename("real_duration_s"), how="inner").rename(columns={"duration_s": "sim_duration_s"})
+    df["rel_err"] = (df["sim_duration_s"] - df["real_duration_s"]) / df["real_duration_s"]
+    return df.reset_index()
+
+
+def comparison_table(sim_summary: dict, real_summaries: Sequence[dict], iters: pd.DataFrame) -> pd.DataFrame:
+    rows = []
+    for m in METRICS:
+        s = _num(sim_summary.get(m))
+        vals = [_num(r.get(m)) for r in real_summaries]
+        finite = [v for v in vals if not math.isnan(v)]
+        med = float(np.median(finite)) if finite else float("nan")
+        err = (s - med) / med * 100 if finite and med != 0 and not math.isnan(s) else float("nan")
+        if finite and med == 0 and s == 0:
+            err = 0.0
+        rows.append({"metric": m, "sim": s, "real_median": med, "real_min": min(finite) if finite else float("nan"),
+                     "real_max": max(finite) if finite else float("nan"), "error_pct": err})
+    e = iters["rel_err"].to_numpy(dtype=float) * 100
+    e = e[np.isfinite(e)]
+    stats = {"iter_abs_err_mean": np.mean(np.abs(e)) if len(e) else float("nan"),
+             "iter_abs_err_p50": np.percentile(np.abs(e), 50) if len(e) else float("nan"),
+             "iter_abs_err_p99": np.percentile(np.abs(e), 99) if len(e) else float("nan"),
+             "iter_err_mean": np.mean(e) if len(e) else float("nan")}
+    for k, v in stats.items():
+        rows.append({"metric": k, "sim": float("nan"), "real_median": float("nan"), "real_min": float("nan"),
+                     "real_max": float("nan"), "error_pct": float(v)})
+    return pd.DataFrame(rows, columns=["metric", "sim", "real_median", "real_min", "real_max", "error_pct"])
+
+
+def format_table(df: pd.DataFrame) -> str:
+    def f(v, metric=""):
+        if v is None or (isinstance(v, float) and math.isnan(v)):
+            return "-"
+        if metric in ("tpot_s", "ttft_s", "decode_step_s", "copy_stall_s"):
+            return f"{v * 1e3:.3f} ms"
+        if metric == "throughput_tok_s":
+            return f"{v:.1f} tok/s"
+        if metric == "h2d_bytes":
+            return f"{v / 1e6:.1f} MB"
+        return f"{v:.3f}" if abs(v) < 1e4 else f"{v:.4g}"
+
+    lines = [f"{'metric':<20} {'sim':>12} {'real (median)':>14} {'error':>9}"]
+    for r in df.itertuples():
+        err = "-" if math.isnan(r.error_pct) else f"{r.error_pct:+.1f} %"
+        lines.append(f"{r.metric:<20} {f(r.sim, r.metric):>12} {f(r.real_median, r.metric):>14} {err:>9}")
+    return "\n".join(lines)
+
+
+def scatter_plot(iters: pd.DataFrame, path: Path, title: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(5.5, 5))
+    for phase, marker in (("prefill", "s"), ("decode", "o")):
+        d = iters[iters["phase"] == phase]
+        if len(d):
+            ax.scatter(d["real_duration_s"] * 1e3, d["sim_duration_s"] * 1e3, s=14, marker=marker, alpha=0.7,
+                       label=phase)
+    if len(iters):
+        lo = float(min(iters["real_duration_s"].min(), iters["sim_duration_s"].min())) * 1e3 * 0.9
+        hi = float(max(iters["real_duration_s"].max(), iters["sim_duration_s"].max())) * 1e3 * 1.1
+        ax.plot([lo, hi], [lo, hi], "k--", lw=0.8, label="sim = real")
+        ax.set_xlim(lo, hi)
+        ax.set_ylim(lo, hi)
+    ax.set_xlabel("real per-iteration time (ms, median of repeats)")
+    ax.set_ylabel("simulated per-iteration time (ms)")
+    ax.set_title(title, fontsize=9)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+class _Models:
+    """Keeps the last built (model, host store) so repeats and cells of one model share them."""
+
+    def __init__(self):
+        self.key = None
+        self.value = None
+
+    def get(self, scenario, device):
+        from .executor import build_model_and_store
+        from hw.table import model_signature
+
+        key = (json.dumps(model_signature(scenario.model), sort_keys=True, default=str), scenario.model.num_layers,
+               scenario.model.dense_layers, scenario.seed, str(device))
+        if key != self.key:
+            self.key, self.value = None, None
+            self.value = build_model_and_store(scenario, device)
+            self.key = key
+        return self.value
+
+
+_MODELS = _Models()
+
+
+def validate(overrides: Sequence[str] = (), repeats: int = 3, profile_dir: Optional[str | Path] = None,
+             out: Optional[str | Path] = None, device: Optional[str] = None, torch_profile: bool = False,
+             log: Callable[[str], None] = lambda s: None, _resolved_profile: Optional[Path] = None) -> dict:
+    """One validation (module docstring); returns ``{"comparison", "iterations", "sim", "real", "out"}``."""
+    from sim.engine import simulate
+    from sim.cli import write_outputs
+    from workloads.requests import build_requests
+
+    from .executor import RealExecutor
+
+    if repeats < 1:
+        raise ConfigError(f"--repeats={repeats} is invalid; must be >= 1")
+    ov = with_defaults(overrides)
+    scenario = _compose(ov + ["sim.progress=false"])
+    dev_type = device or "cpu"
+    pdir = _resolved_profile or resolve_profile_dir([scenario], profile_dir, dev_type, log)
+    sim_scenario = _compose(ov + ["sim.progress=false", "sim.timeline=true", "hw.cost_model=table",
+                                  f"hw.profile_dir={pdir}"])
+    out = Path(out) if out is not None else Path("validation") / _dt.datetime.now().strftime("%Y-%m-%d-%H-%M-%S")
+    requests = build_requests(scenario.workload, scenario.model, scenario.seed)
+    from hw.table import cost_model_for
+
+    cost = cost_model_for(sim_scenario.hw, sim_scenario.model)   # checks the tables before anything runs
+    t0 = time.perf_counter()
+    sim = simulate(sim_scenario, requests, cost=cost, progress=False)
+    log(f"simulated in {time.perf_counter() - t0:.2f} s")
+    model, store = _MODELS.get(scenario, device)
+    reals = []
+    for i in range(repeats):
+        t0 = time.perf_counter()
+        tp = out / f"torch_profile_{i}.json" if torch_profile else None
+        res = RealExecutor(scenario, requests, model=model, store=store, cost=cost, timeline=True,
+                           torch_profile=tp).run()
+        reals.append(res)
+        log(f"real run {i + 1}/{repeats}: TPOT {_num(res.summary['tpot_s']) * 1e3:.3f} ms "
+            f"({time.perf_counter() - t0:.2f} s)")
+    iters = per_iteration(sim.steps, [r.steps for r in reals])
+    table = comparison_table(sim.summary, [r.summary for r in reals], iters)
+    med = reals[_median_index([r.summary["tpot_s"] for r in reals])]
+    out.mkdir(parents=True, exist_ok=True)
+    table.to_csv(out / "comparison.csv", index=False)
+    iters.to_csv(out / "iterations.csv", index=False)
+    pd.DataFrame([{"repeat": i, **{k: v for k, v in r.summary.items() if not isinstance(v, (list, dict))}}
+                  for i, r in enumerate(reals)]).to_csv(out / "real_repeats.csv", index=False)
+    for name, res in (("sim", sim), ("real", med)):
+        (out / f"{name}_timeline.json").write_text(json.dumps({"traceEvents": res.timeline or [],
+                                                               "displayTimeUnit": "ms"}))
+        tl, res.timeline = res.timeline, None
+        write_outputs(res, out / name)
+        res.timeline = tl
+    sc = scenario
+    title = (f"{sc.model.name}, {sc.prefetch.name}, batch {sc.workload.batch_size}: TPOT err "
+             f"{table.set_index('metric').loc['tpot_s', 'error_pct']:+.1f}%, "
+             f"|iter err| P50 {table.set_index('metric').loc['iter_abs_err_p50', 'error_pct']:.1f}%")
+    scatter_plot(iters, out / "scatter.png", title)
+    (out / "validation.json").write_text(json.dumps({"overrides": list(ov), "repeats": repeats,
+                                                     "profile_dir": str(pdir)}, indent=2) + "\n")
+    return {"comparison": table, "iterations": iters, "sim": sim, "real": reals, "out": out}
+
+
+# ------------------------------------------------------------------------------------ sweeps
+def sweep_cells(axes: Sequence[str]) -> list[list[str]]:
+    """Cartesian product of ``KEY=V1,V2`` axes -> lists of single overrides."""
+    lists = []
+    for a in axes:
+        if "=" not in a:
+            raise ConfigError(f"--sweep {a} is invalid; expected KEY=V1,V2,...")
+        k, vals = a.split("=", 1)
+        values = [v.strip() for v in vals.split(",") if v.strip()]
+        if not values:
+            raise ConfigError(f"--sweep {a} has no values")
+        lists.append([f"{k}={v}" for v in values])
+    return [list(c) for c in itertools.product(*lists)]
+
+
+def _slug(cell: Sequence[str]) -> str:
+    return re.sub(r"[^A-Za-z0-9_.=-]+", "_", "-".join(o.split("=", 1)[1] if "=" in o else o for o in cell))[:80]
+
+
+def rank_groups(acc: pd.DataFrame, axes_keys: Sequence[str]) -> pd.DataFrame:
+    """Per group (the cells that differ only in the policy), rank policies by sim and real TPOT."""
+    group_keys = [k for k in axes_keys if k != POLICY_KEY]
+    acc = acc.copy()
+    acc["group"] = acc[group_keys].astype(str).agg(" ".join, axis=1) if group_keys else "all"
+    acc["sim_rank"] = acc.groupby("group")["sim_tpot_s"].rank(method="first").astype(int)
+    acc["real_rank"] = acc.groupby("group")["real_tpot_s"].rank(method="first").astype(int)
+    agrees = acc.groupby("group").apply(lambda g: bool((g["sim_rank"] == g["real_rank"]).all()),
+                                        include_groups=False)
+    acc["ranking_agrees"] = acc["group"].map(agrees)
+    return acc
+
+
+def run_sweep(fixed: Sequence[str], axes: Sequence[str], repeats: int, profile_dir, out: Path, device,
+              log: Callable[[str], None]) -> pd.DataFrame:
+    cells = sweep_cells(axes)
+    axes_keys = [a.split("=", 1)[0] for a in axes]
+    scenarios = [_compose(with_defaults(list(fixed) + c) + ["sim.progress=false"]) for c in cells]  # all checked first
+    pdir = resolve_profile_dir(scenarios, profile_dir, device or "cpu", log)
+    rows = []
+    for i, cell in enumerate(cells):
+        cdir = out / "cells" / f"{i:03d}-{_slug(cell)}"
+        log(f"cell {i + 1}/{len(cells)}: {' '.join(cell)}")
+        r = validate(list(fixed) + cell, repeats, None, cdir, device, log=log, _resolved_profile=pdir)
+        t = r["comparison"].set_index("metric")
+        rows.append({**{k: o.split("=", 1)[1] for k, o in zip(axes_keys, cell)},
+                     "sim_tpot_s": t.loc["tpot_s", "sim"], "real_tpot_s": t.loc["tpot_s", "real_median"],
+                     "tpot_err_pct": t.loc["tpot_s", "error_pct"],
+                     "abs_tpot_err_pct": abs(t.loc["tpot_s", "error_pct"]),
+                     "ttft_err_pct": t.loc["ttft_s", "error_pct"],
+                     "copy_stall_err_pct": t.loc["copy_stall_s", "error_pct"],
+                     "h2d_bytes_err_pct": t.loc["h2d_bytes", "error_pct"],
+                     "iter_abs_err_p50_pct": t.loc["iter_abs_err_p50", "error_pct"],
+                     "iter_abs_err_p99_pct": t.loc["iter_abs_err_p99", "error_pct"], "dir": str(cdir)})
+    acc = pd.DataFrame(rows)
+    if POLICY_KEY in axes_keys:
+        acc = rank_groups(acc, axes_keys)
+    out.mkdir(parents=True, exist_ok=True)
+    acc.to_csv(out / "accuracy.csv", index=False)
+    return acc
+
+
+def format_accuracy(acc: pd.DataFrame) -> str:
+    cols = [c for c in acc.columns if c not in ("dir", "group")]
+    show = acc[cols].copy()
+    for c in ("sim_tpot_s", "real_tpot_s"):
+        show[c] = (show[c] * 1e3).map(lambda v: f"{v:.3f}")
+    show = show.rename(columns={"sim_tpot_s": "sim_tpot_ms", "real_tpot_s": "real_tpot_ms"})
+    for c in [c for c in show.columns if c.endswith("_pct")]:
+        show[c] = show[c].map(lambda v: "-" if pd.isna(v) else f"{v:+.1f}")
+    lines = [show.to_string(index=False), "",
+             f"median |TPOT error|: {acc['abs_tpot_err_pct'].median():.1f} % over {len(acc)} cells"]
+    if "ranking_agrees" in acc:
+        g = acc.groupby("group")["ranking_agrees"].first()
+        lines.append(f"policy ranking agrees in {int(g.sum())}/{len(g)} groups")
+    return "\n".join(lines)
+
+
+# ------------------------------------------------------------------------------------ CLI
+class _UsageError(Exception):
+    pass
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str):
+        raise _UsageError(message)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = _Parser(prog=PROG, description="Run the real executor and the simulator (measured cost tables) on the same "
+                "scenario and compare (see real_backend/validate.py).")
+    p.add_argument("overrides", nargs="*", help="Hydra-style KEY=VALUE overrides (as for moesim)")
+    p.add_argument("--repeats", type=int, default=3, help="real runs per validation (median quoted; default 3)")
+    p.add_argument("--profile-dir", default=None, metavar="DIR", help="cost tables (moesim-profile output)")
+    p.add_argument("-o", "--output", default=None, metavar="OUT", help="output directory")
+    p.add_argument("--sweep", nargs="+", default=None, metavar="KEY=V1,V2",
+                   help="validate every combination (cartesian product) and write accuracy.csv")
+    p.add_argument("--device", choices=("cpu", "cuda"), default=None, help="real executor's device (default: cpu "
+                   "unless CUDA is available)")
+    p.add_argument("--torch-profile", action="store_true", help="also write torch.profiler traces of the real runs")
+    return p
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    parser = build_parser()
+    log = lambda s: print(f"{PROG}: {s}", file=sys.stderr, flush=True)  # noqa: E731
+    try:
+        args = parser.parse_intermixed_args(argv)
+        for o in args.overrides:
+            if "=" not in o:
+                raise ConfigError(f"{o} is not an override; expected KEY=VALUE")
+        out = Path(args.output) if args.output else Path("validation") / _dt.datetime.now().strftime(
+            "%Y-%m-%d-%H-%M-%S")
+        if args.sweep:
+            acc = run_sweep(args.overrides, args.sweep, args.repeats, args.profile_dir, out, args.device, log)
+            print(format_accuracy(acc))
+        else:
+            r = validate(args.overrides, args.repeats, args.profile_dir, out, args.device,
+                         torch_profile=args.torch_profile, log=log)
+            print(format_table(r["comparison"]))
+        print(f"outputs: {out}")
+        return 0
+    except _UsageError as exc:
+        msg = str(exc)
+    except ConfigError as exc:
+        msg = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+    except SystemExit as exc:  # --help
+        return int(exc.code or 0)
+    print(f"{PROG}: error: {msg}", file=sys.stderr)
+    return EXIT_BAD_INPUT
+
+
+def entry() -> None:
+    sys.exit(main())
+
+
+if __name__ == "__main__":
+    entry()
