@@ -21,18 +21,11 @@ from pathlib import Path
 from typing import Optional, Sequence
 
 from workloads.validation import ConfigError
+from .cli_util import OneLineParser as _Parser, run_cli
 
 PROG = "moesim-capture"
-EXIT_BAD_INPUT = 2
 
 
-class _UsageError(Exception):
-    pass
-
-
-class _Parser(argparse.ArgumentParser):
-    def error(self, message: str):  # one line instead of usage + message
-        raise _UsageError(message)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -101,17 +94,12 @@ def _run(args: argparse.Namespace) -> int:
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     parser = build_parser()
-    try:
+
+    def body() -> int:
         args = parser.parse_args(argv)
         return _run(args)
-    except _UsageError as exc:
-        msg = str(exc)
-    except ConfigError as exc:
-        msg = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-    except SystemExit as exc:  # --help
-        return int(exc.code or 0)
-    print(f"{PROG}: error: {msg}", file=sys.stderr)
-    return EXIT_BAD_INPUT
+
+    return run_cli(PROG, body)
 
 
 def entry() -> None:

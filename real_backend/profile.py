@@ -90,9 +90,9 @@ from workloads.validation import ConfigError
 
 from . import ops
 from .model import ExpertWeights, MoEModel
+from .cli_util import OneLineParser as _Parser, run_cli
 
 PROG = "moesim-profile"
-EXIT_BAD_INPUT = 2
 DEFAULT_MODELS = ("mini_mixtral", "mini_qwen")
 MB = 1 << 20
 
@@ -653,13 +653,6 @@ def write_profile(out: Path, rows: pd.DataFrame, header: dict) -> None:
 # --------------------------------------------------------------------------- CLI
 
 
-class _UsageError(Exception):
-    pass
-
-
-class _Parser(argparse.ArgumentParser):
-    def error(self, message: str):  # one line instead of usage + message
-        raise _UsageError(message)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -682,7 +675,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     parser = build_parser()
-    try:
+
+    def body() -> int:
         args = parser.parse_args(argv)
         models = [m.strip() for m in args.models.split(",") if m.strip()]
         t0 = time.perf_counter()
@@ -693,14 +687,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         print(f"{PROG}: wrote {out}/{{{PROFILE_PARQUET},{PROFILE_CSV},{PROFILE_HEADER}}}: {len(rows)} rows, "
               f"models {', '.join(models)}, {time.perf_counter() - t0:.1f} s")
         return 0
-    except _UsageError as exc:
-        msg = str(exc)
-    except ConfigError as exc:
-        msg = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-    except SystemExit as exc:  # --help
-        return int(exc.code or 0)
-    print(f"{PROG}: error: {msg}", file=sys.stderr)
-    return EXIT_BAD_INPUT
+
+    return run_cli(PROG, body)
 
 
 def entry() -> None:

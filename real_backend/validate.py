@@ -58,9 +58,9 @@ import numpy as np
 import pandas as pd
 
 from workloads.validation import ConfigError
+from .cli_util import OneLineParser as _Parser, run_cli
 
 PROG = "moesim-validate"
-EXIT_BAD_INPUT = 2
 DEFAULT_OVERRIDES = ("hw=this_cpu", "model=mini_mixtral", "workload.num_requests=4", "workload.prompt_len=32",
                      "workload.output_len=17", "hw.host_link.bandwidth_bps=4e9")
 CAPACITY_KEYS = ("policy.prefetch.capacity_per_layer", "hw.gpu.memory_bytes", "hw/gpu", "hw")
@@ -387,13 +387,6 @@ def format_accuracy(acc: pd.DataFrame) -> str:
 
 
 # ------------------------------------------------------------------------------------ CLI
-class _UsageError(Exception):
-    pass
-
-
-class _Parser(argparse.ArgumentParser):
-    def error(self, message: str):
-        raise _UsageError(message)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -414,7 +407,8 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Optional[Sequence[str]] = None) -> int:
     parser = build_parser()
     log = lambda s: print(f"{PROG}: {s}", file=sys.stderr, flush=True)  # noqa: E731
-    try:
+
+    def body() -> int:
         args = parser.parse_intermixed_args(argv)
         for o in args.overrides:
             if "=" not in o:
@@ -430,14 +424,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             print(format_table(r["comparison"]))
         print(f"outputs: {out}")
         return 0
-    except _UsageError as exc:
-        msg = str(exc)
-    except ConfigError as exc:
-        msg = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-    except SystemExit as exc:  # --help
-        return int(exc.code or 0)
-    print(f"{PROG}: error: {msg}", file=sys.stderr)
-    return EXIT_BAD_INPUT
+
+    return run_cli(PROG, body)
 
 
 def entry() -> None:
