@@ -262,11 +262,12 @@ def validate(overrides: Sequence[str] = (), repeats: int = 3, profile_dir: Optio
     if repeats < 1:
         raise ConfigError(f"--repeats={repeats} is invalid; must be >= 1")
     ov = with_defaults(overrides)
-    scenario = _compose(ov + ["sim.progress=false"])
+    # The real run needs no cost tables: check the scenario without them (they may not exist yet).
+    scenario = _compose(ov + ["sim.progress=false", "++hw.cost_model=roofline"])
     dev_type = device or "cpu"
     pdir = _resolved_profile or resolve_profile_dir([scenario], profile_dir, dev_type, log)
-    sim_scenario = _compose(ov + ["sim.progress=false", "sim.timeline=true", "hw.cost_model=table",
-                                  f"hw.profile_dir={pdir}"])
+    sim_scenario = _compose(ov + ["sim.progress=false", "sim.timeline=true", "++hw.cost_model=table",
+                                  f"++hw.profile_dir={pdir}"])
     out = Path(out) if out is not None else Path("validation") / _dt.datetime.now().strftime("%Y-%m-%d-%H-%M-%S")
     requests = build_requests(scenario.workload, scenario.model, scenario.seed)
     from hw.table import cost_model_for
@@ -345,7 +346,8 @@ def run_sweep(fixed: Sequence[str], axes: Sequence[str], repeats: int, profile_d
               log: Callable[[str], None]) -> pd.DataFrame:
     cells = sweep_cells(axes)
     axes_keys = [a.split("=", 1)[0] for a in axes]
-    scenarios = [_compose(with_defaults(list(fixed) + c) + ["sim.progress=false"]) for c in cells]  # all checked first
+    scenarios = [_compose(with_defaults(list(fixed) + c) + ["sim.progress=false", "++hw.cost_model=roofline"])
+                 for c in cells]  # all checked first (no cost tables needed for that)
     pdir = resolve_profile_dir(scenarios, profile_dir, device or "cpu", log)
     rows = []
     for i, cell in enumerate(cells):
