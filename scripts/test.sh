@@ -9,7 +9,7 @@ if ! command -v nvidia-smi >/dev/null 2>&1; then
 fi
 python3 -m pip install -q -e '.[test,real,capture]'
 set +e
-python3 -m pytest -q "$@"
+python3 -m pytest "$@"
 status=$?
 set -e
 if [ "$status" -eq 5 ]; then
