@@ -55,6 +55,9 @@ class CostModel(Protocol):
     def lm_head_s(self, model: ModelSpec, sequences: int) -> float: ...
     def host_expert_s(self, model: ModelSpec, tokens: int) -> float: ...
     def copy_s(self, nbytes: float, link: LinkSpec) -> float: ...
+    def copy_overhead_s(self, model: ModelSpec) -> float: ...
+    def copy_launch_s(self, link: LinkSpec, engine_idle: bool) -> float: ...
+    def copy_resume_s(self, link: LinkSpec) -> float: ...
 
 
 class Roofline:
@@ -132,3 +135,18 @@ class Roofline:
 
     def copy_s(self, nbytes: float, link: LinkSpec) -> float:
         return link.transfer_s(nbytes)
+
+    def copy_overhead_s(self, model: ModelSpec) -> float:
+        """Compute-stream time one expert copy costs besides the copy itself: none here (a GPU's
+        copy engine works beside the SMs; issuing ``cudaMemcpyAsync`` is host time that overlaps)."""
+        return 0.0
+
+    def copy_launch_s(self, link: LinkSpec, engine_idle: bool) -> float:
+        """Time from a copy's turn (submitted to an idle engine, or the previous copy done) to its
+        first byte, beyond ``link.latency_s``: none here (the link's latency covers it)."""
+        return 0.0
+
+    def copy_resume_s(self, link: LinkSpec) -> float:
+        """Time from a copy's end to the compute stream resuming when it was blocked on it: none
+        here (a CUDA stream waiting on an event resumes at once)."""
+        return 0.0

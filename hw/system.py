@@ -39,6 +39,8 @@ class SystemSpec:
     cost_model: Literal["roofline", "table"] = "roofline"  # table: measured by moesim-profile (hw.table)
     profile_dir: Optional[str] = None     # the tables' directory (cost_model=table)
     profile_copy: Literal["idle", "contended"] = "idle"  # which measured copy curve the table uses
+    host_is_device: bool = False          # the "GPU" is the host CPU itself (hw=this_cpu): host-run
+                                          # experts run on the compute stream, not beside it
 
     def validate(self, key: str = "hw") -> None:
         positive(self, key, "num_gpus")

@@ -36,9 +36,18 @@ configured bandwidth is lower (a cap that mimics PCIe; the executor's link shape
 that fast). Which measured curve -- copies alone (``idle``) or while expert FFNs run
 (``contended``) -- is ``hw.profile_copy``. Any other link: ``latency + bytes / bandwidth``.
 
-Per-layer overhead: a profile measured inside forward passes also has ``layer_overhead`` rows
-(the pass's wall time outside every op, per layer, vs tokens); ``attention_block_s`` includes it,
-so that the ops the simulator sums add up to a measured pass.
+Executor overheads (measured by running the real executor, ``real_backend.executor``):
+``layer_overhead`` rows (a pass's wall time outside every op -- Python between ops, scheduling,
+policy calls, bookkeeping -- per layer, vs the pass's tokens, with every expert resident);
+``attention_block_s`` includes it, so that the ops the simulator sums add up to a measured pass.
+``copy_overhead`` (one row per model): the compute stream's extra time per expert copy it issues
+(submitting and landing the copy, the copy worker's wake-ups, the caches the copy's bytes
+pollute), ``copy_overhead_s``; without the row, 0. ``copy_launch`` (device-level, ``phase`` =
+``idle`` or ``busy``): how long the executor's copy worker takes to start a copy submitted to it
+while idle (a sleeping thread's wake-up) or to start the next queued one; ``copy_launch_s`` adds
+it to every copy on the profiled host link (without the rows, 0). ``copy_resume`` (device-level):
+from a copy's end to the executor's thread running again when it was blocked waiting for it
+(``copy_resume_s``, counted as copy stall; without the row, 0).
 
 Host execution (``host_expert_s``): the ``host_expert`` rows a CUDA profile carries, or on a CPU
 profile the expert curve itself (the host *is* the device).
@@ -177,6 +186,7 @@ class _ModelTables:
     curves: dict[str, Curve]
     decode: Optional[Grid]
     prefill: Optional[Grid]
+    copy_overhead_s: float = 0.0
 
 
 class Table:
@@ -196,6 +206,11 @@ class Table:
             raise ConfigError(f"{key}={self.profile_dir} has no '{copy_phase}' copy measurements; "
                               f"re-run moesim-profile")
         self._copy = Curve(copies["bytes"].astype(float), copies["median_s"].astype(float)) if len(copies) else None
+        launch = self.rows[self.rows["op"] == "copy_launch"]
+        self._launch = {ph: max(0.0, float(launch.loc[launch["phase"] == ph, "median_s"].median()))
+                        for ph in ("idle", "busy") if (launch["phase"] == ph).any()}
+        resume = self.rows.loc[self.rows["op"] == "copy_resume", "median_s"]
+        self._resume = max(0.0, float(resume.median())) if len(resume) else 0.0
         self._models: dict[str, _ModelTables] = {}
 
     @property
@@ -249,7 +264,9 @@ class Table:
         if grids["decode"] is None:
             raise ConfigError(f"{self.key}={self.profile_dir} has no decode attention measurements for "
                               f"model={model.name}; re-run moesim-profile --models {model.name}")
-        t = self._models[model.name] = _ModelTables(curves, grids["decode"], grids["prefill"])
+        r = rows[(rows["op"] == "copy_overhead")]
+        copy_overhead = max(0.0, float(r["median_s"].median())) if len(r) else 0.0
+        t = self._models[model.name] = _ModelTables(curves, grids["decode"], grids["prefill"], copy_overhead)
         return t
 
     # ------------------------------------------------------------------ CostModel
@@ -315,6 +332,19 @@ class Table:
         if self._copy is None or self.host_link is None or link != self.host_link:
             return analytic
         return max(self._copy(nbytes), analytic)
+
+    def copy_overhead_s(self, model: ModelSpec) -> float:
+        return self._tables(model).copy_overhead_s
+
+    def copy_launch_s(self, link: LinkSpec, engine_idle: bool) -> float:
+        if self.host_link is None or link != self.host_link:
+            return 0.0
+        return self._launch.get("idle" if engine_idle else "busy", 0.0)
+
+    def copy_resume_s(self, link: LinkSpec) -> float:
+        if self.host_link is None or link != self.host_link:
+            return 0.0
+        return self._resume
 
 
 def cost_model_for(hw, model: ModelSpec) -> CostModel:

@@ -9,6 +9,11 @@ scenario, same requests, same policy objects, same record schema, same summarise
   non-expert weights.
 * **Routing is forced** from the requests' ``experts`` arrays (``model.forward(routing=...)``), so
   the real run and the simulator see identical routing. The router GEMM still runs.
+  ``free_running=True``: the model's own router decides instead (the requests' ``experts`` are
+  ignored) and the executor records what it chose: ``routed_requests()`` returns the requests
+  with the recorded routing, ready for the simulator or ``workloads.trace.requests_to_frame``.
+  Policies that need the routing ahead of the pass (``oracle``, ``pregated``, ``speculating``: the
+  future; ``lookahead``: predictions) are refused in this mode (one-line error).
 * **Offloading**: an ``OffloadRuntime`` with the scenario's policy object
   (``sim.policies`` registry). Its capacity is the simulator's: ``sim.memory.plan_memory`` over
   ``hw.gpu.memory_bytes`` (weights that stay resident, KV cache, activations; the slot pool gets the
@@ -177,7 +182,7 @@ class RealExecutor:
                  cost: Optional[CostModel] = None, threads: Optional[int] = None,
                  timeline: Optional[bool] = None, torch_profile: Optional[str | Path] = None,
                  warmup_passes: int = 1, worker_priority: str = "realtime", record_routing: bool = False,
-                 progress: bool = False):
+                 progress: bool = False, free_running: bool = False):
         self.scenario = scenario
         self.spec = scenario.model
         if requests is None:
@@ -189,6 +194,13 @@ class RealExecutor:
         if self.policy.substitutes:
             raise ConfigError(f"policy/prefetch={scenario.prefetch.name} with lossy substitution is not supported "
                               f"by the real executor; use lossy=false")
+        self.free_running = free_running
+        self._free_routing: Optional[dict[int, np.ndarray]] = None
+        if free_running and (self.policy.needs_future or self.policy.uses_predictions):
+            need = "the future routing" if self.policy.needs_future else "gate-lookahead predictions"
+            raise ConfigError(f"policy/prefetch={scenario.prefetch.name} needs {need} before each pass, which a "
+                              f"free-running model (its own router decides) cannot give; replay a trace "
+                              f"(forced routing) or choose lru, lfu, transition, moe_infinity, fiddler")
         if self.policy.uses_predictions and any(r.predicted is None for r in self.requests):
             raise ConfigError(
                 f"policy/prefetch={scenario.prefetch.name} needs predicted_experts in the router trace "
@@ -351,6 +363,9 @@ class RealExecutor:
         self.kv = self.model.new_cache(max(1, min(wl.batch_size, len(self.requests))), longest + 1)
         self._timer = _OpTimer(self)
         self._rng = np.random.default_rng(sc.seed + 17)
+        M, K = self.spec.num_moe_layers, self.spec.top_k
+        self._free_routing = ({r.request_id: np.full((r.prompt_len + r.output_len - 1, M, K), -1, dtype=np.int16)
+                               for r in self.requests} if self.free_running else None)
         sched = BatchScheduler(self.requests, wl.batch_size, wl.max_prefill_tokens)
         bar = None
         if self.progress:
@@ -392,19 +407,24 @@ class RealExecutor:
         model, rt, spec, timer = self.model, self.rt, self.spec, self._timer
         t_start = time.perf_counter()
         V = spec.vocab_size
+        free = self.free_running
         if phase == "decode":
-            rows = np.stack([r.req.experts[r.pos] for r in batch])
+            rows = None if free else np.stack([r.req.experts[r.pos] for r in batch])
             tokens = [[self._seqs[r.req.request_id].next_token] for r in batch]
         else:
-            rows = np.concatenate([r.req.experts[: r.req.prompt_len] for r in batch])
+            rows = None if free else np.concatenate([r.req.experts[: r.req.prompt_len] for r in batch])
             tokens = []
             for r in batch:
                 self._seqs[r.req.request_id] = _Seq(self.kv.allocate(), 0)
                 tokens.append(self._rng.integers(0, V, size=r.req.prompt_len).tolist())
         slots = [self._seqs[r.req.request_id].slot for r in batch]
-        rows = rows.astype(np.int64)
-        routing = {layer: rows[:, m, :] for m, layer in enumerate(spec.moe_layers)}
-        T = int(rows.shape[0])
+        if free:
+            routing = None
+            T = sum(len(t) for t in tokens)
+        else:
+            rows = rows.astype(np.int64)
+            routing = {layer: rows[:, m, :] for m, layer in enumerate(spec.moe_layers)}
+            T = int(rows.shape[0])
         self._pred_rows = None
         if self.policy.uses_predictions and all(r.req.predicted is not None for r in batch):
             self._pred_rows = (np.stack([r.req.predicted[r.pos] for r in batch]) if phase == "decode"
@@ -419,6 +439,8 @@ class RealExecutor:
         nxt = out.logits.argmax(dim=-1).tolist()   # synchronises on CUDA
         for r, tok in zip(batch, nxt):
             self._seqs[r.req.request_id].next_token = int(tok)
+        if free:
+            self._record_free_routing(phase, batch, out.routing)
         c = rt.end_step(step)
         t_end = time.perf_counter()
         timer.resolve_cuda()
@@ -444,6 +466,32 @@ class RealExecutor:
             "wasted_prefetch_bytes": c.wasted_prefetch_bytes,
             "active_experts_mean": sum(active) / len(active) if active else float("nan"),
             "active_experts_per_layer": active})
+
+    def _record_free_routing(self, phase: str, batch: list[RunningRequest], routing: dict) -> None:
+        """Store the pass's router choices (token order: the batch's, prompts concatenated)."""
+        ids = np.stack([routing[layer][0].to("cpu").numpy() for layer in self.spec.moe_layers], axis=1)
+        off = 0
+        for r in batch:
+            dst = self._free_routing[r.req.request_id]
+            if phase == "decode":
+                dst[r.pos] = ids[off]
+                off += 1
+            else:
+                n = r.req.prompt_len
+                dst[:n] = ids[off:off + n]
+                off += n
+
+    def routed_requests(self) -> list[Request]:
+        """After a free-running ``run()``: the requests with the routing the model chose."""
+        if self._free_routing is None:
+            raise RuntimeError("routed_requests() needs a finished run with free_running=True")
+        out = []
+        for r in self.requests:
+            ex = self._free_routing[r.request_id]
+            if (ex < 0).any():
+                raise RuntimeError(f"request {r.request_id}: routing not recorded for every position")
+            out.append(Request(r.request_id, r.arrival_s, r.prompt_len, r.output_len, ex.copy()))
+        return out
 
     def _on_routed(self, layer: int, experts: list[int], counts: list[int]) -> list[int]:
         """The layer's router has run: the runtime's per-layer protocol (policy, demand loads,

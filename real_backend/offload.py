@@ -476,12 +476,9 @@ class CopyEngine:
                               f"shaper is CPU-only (a CUDA copy runs at the real link's speed); use None")
         self.bandwidth_bps = bandwidth_bps
         self.latency_s = float(latency_s)
-        if chunk_bytes is None:  # ~250 us of link time per chunk, within [256 KiB, 4 MiB]
-            chunk_bytes = (4 << 20 if bandwidth_bps is None
-                           else int(min(4 << 20, max(256 << 10, bandwidth_bps * 250e-6))))
-        if chunk_bytes < 1:
-            raise ConfigError(f"chunk_bytes={chunk_bytes!r} is invalid; must be >= 1")
-        self.chunk_bytes = int(chunk_bytes)
+        if chunk_bytes is not None and chunk_bytes < 1:
+            raise ConfigError(f"chunk_bytes={chunk_bytes!r} is invalid; must be >= 1 (or None: one burst per copy)")
+        self.chunk_bytes = None if chunk_bytes is None else int(chunk_bytes)
         self.spin_s = float(spin_s)
         self.name = name
         self._cuda = (_cuda or _TorchCuda(self.device)) if self.is_cuda else None
@@ -594,7 +591,7 @@ class CopyEngine:
             if self.latency_s:
                 self._pace_until(t0 + self.latency_s)
         else:
-            step, off = self.chunk_bytes, 0
+            step, off = self.chunk_bytes or n, 0
             while off < n:
                 m = min(step, n - off)
                 _copy_bytes(dst[off:off + m], src[off:off + m])
@@ -749,6 +746,8 @@ class OffloadRuntime:
         self._prefetch_in_flight: set[ExpertKey] = set()   # prefetch copies not landed yet
         self._records: list[CopyRecord] = []
         self._cuda_stalls: list[tuple[Any, Any]] = []
+        # CPU: for each wait that blocked, from the copy's end (worker clock) to this thread resuming.
+        self.resume_delays_s: list[float] = []
         self._layer: Optional[int] = None
         self.counters = StepCounters()
         self._taken = StepCounters()
@@ -1114,7 +1113,9 @@ class OffloadRuntime:
             return
         t0 = time.perf_counter()
         job.done.wait()
-        self.counters.copy_stall_s += time.perf_counter() - t0
+        t1 = time.perf_counter()
+        self.counters.copy_stall_s += t1 - t0
+        self.resume_delays_s.append(t1 - job.end)
 
     def _resolve_cuda_stalls(self) -> None:
         for before, after in self._cuda_stalls:

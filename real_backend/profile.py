@@ -24,9 +24,6 @@ on the cached values):
 * ``router`` (router + dispatch), ``shared_experts``, ``dense_ffn``, ``combine`` and ``embed``
   (per-pass bookkeeping + embedding lookup) vs the pass's tokens; ``lm_head`` (final norm + LM
   head) vs its sequences: pooled from the decode and prefill passes;
-* ``layer_overhead`` vs the pass's tokens: the pass's wall time not spent in any op (the Python
-  between ops, op timers included), per layer; ``Table`` adds it to each layer's attention block
-  so that the simulator's sum of ops adds up to a pass;
 * ``op=expert, phase=contended``: expert passes while a copy thread moves expert-sized blocks
   back to back; ``phase=after_copy`` (CPU): each expert runs from a slot its weights were copied
   into just before (the copy leaves them in the CPU caches: what a demand-loaded expert sees in
@@ -37,6 +34,28 @@ on the cached values):
 Each config runs ``warmup`` untimed passes, then passes until ``min_passes`` and a time budget are
 reached (at most ``max_passes``). A row keeps the median and the 10th/90th percentiles over all
 samples of its key (one per layer per pass for per-layer ops; ``repeats`` counts them).
+
+**Executor overheads, from runs of the real executor** (``real_backend.executor.RealExecutor``,
+synthetic requests with uniform routing, LRU; not any scenario that gets validated):
+
+* ``layer_overhead`` vs the pass's tokens: with every expert resident (no copies), a pass's wall
+  time not spent in any op -- Python between ops, op timers, scheduling, policy calls, runtime
+  bookkeeping, sampling -- per layer; decode passes of ``overhead_batches`` sequences and the
+  prefill passes before them (``OVERHEAD_PROMPT`` tokens per sequence). ``Table`` adds it to each
+  layer's attention block so that the simulator's sum of ops adds up to an executor pass.
+* ``copy_overhead`` (``bytes`` = the expert's size): what one expert copy costs the compute thread
+  besides waiting for it -- submitting and landing the copy, waking the copy worker, the caches
+  its bytes pollute. Measured as pairs of runs of one scenario (batch 1, 4 requests of 16 + 16
+  tokens), every expert resident vs half of them (LRU) with the link capped at
+  ``CALIBRATION_LINK_BPS`` on CPU: (non-stall time per decode pass, offloaded - resident) /
+  expert copies per pass; the median over ``overhead_pairs`` pairs (p10/p90 keep the spread).
+  Measured here: 0.15-0.3 ms per copy for mini_mixtral and mini_qwen alike (so mostly per-copy
+  Python and wake-ups, not bytes).
+* ``copy_launch`` (device-level, from the same offloaded runs' copy records): from a copy's
+  submission to an idle copy worker to its first byte (``phase=idle``: the worker's wake-up, ~0.1
+  ms here) and from one copy's end to the next queued one's start (``phase=busy``, ~30 us);
+  ``copy_resume``: from a copy's end to the executor's thread running again when it was blocked
+  waiting for that copy (a futex wake-up).
 
 **Copies** (device-level, ``model`` empty): ``op=copy`` vs bytes, ``phase=idle`` and
 ``phase=contended`` (while a second thread runs expert FFNs of the first model on 8 tokens back
@@ -70,6 +89,7 @@ import contextlib
 import datetime as _dt
 import gc
 import json
+import math
 import os
 import platform
 import random
@@ -93,6 +113,8 @@ from .model import ExpertWeights, MoEModel
 from .cli_util import OneLineParser as _Parser, run_cli
 
 PROG = "moesim-profile"
+OVERHEAD_PROMPT = 16           # prompt tokens per request in the executor-overhead runs
+CALIBRATION_LINK_BPS = 2e9     # CPU link cap of the copy_overhead runs (moesim-validate's default)
 DEFAULT_MODELS = ("mini_mixtral", "mini_qwen")
 MB = 1 << 20
 
@@ -118,6 +140,8 @@ class Sweep:
     budget_s: float                        # ... and until this much time was spent
     kv_budget_bytes: float                 # decode configs whose KV cache would exceed this are skipped
     copy_pool_bytes: float                 # copies rotate through this many bytes of buffers
+    overhead_batches: tuple[int, ...]      # executor runs (every expert resident): decode batch sizes
+    overhead_pairs: int                    # resident/offloaded executor run pairs for copy_overhead
 
 
 FULL = Sweep(
@@ -131,7 +155,8 @@ FULL = Sweep(
     extra_expert_tokens=(1, 8, 64),
     warmup=1, min_passes=3, max_passes=12, pass_budget_s=0.2,
     min_repeats=5, max_repeats=60, budget_s=0.15,
-    kv_budget_bytes=1.0e9, copy_pool_bytes=256 * MB)
+    kv_budget_bytes=1.0e9, copy_pool_bytes=256 * MB,
+    overhead_batches=(1, 2, 4, 8, 16, 32, 64), overhead_pairs=5)
 
 QUICK = Sweep(
     expert_tokens=(1, 4, 16, 64, 256),
@@ -144,7 +169,8 @@ QUICK = Sweep(
     extra_expert_tokens=(1,),
     warmup=1, min_passes=2, max_passes=2, pass_budget_s=0.0,
     min_repeats=3, max_repeats=15, budget_s=0.03,
-    kv_budget_bytes=0.5e9, copy_pool_bytes=64 * MB)
+    kv_budget_bytes=0.5e9, copy_pool_bytes=64 * MB,
+    overhead_batches=(1, 8), overhead_pairs=1)
 
 
 # --------------------------------------------------------------------------- timing
@@ -214,7 +240,6 @@ class _PassTimer:
         self.device = device
         self.spans: list[tuple] = []
         self.counts: dict[int, dict[int, int]] = {}
-        self.wall_s: Optional[float] = None
 
     def routed(self, layer: int, experts: list[int], counts: list[int]) -> None:
         self.counts[layer] = dict(zip(experts, counts))
@@ -235,16 +260,9 @@ class _PassTimer:
 
     def results(self, kind: str, seqs: int, tokens: int, context: int, expert_phase: str = "",
                 num_layers: int = 1):
-        """``(key, seconds)`` per op, keyed as the profile's rows group them, and the pass's time
-        outside every op (Python between ops) per layer as ``layer_overhead``."""
+        """``(key, seconds)`` per op, keyed as the profile's rows group them."""
         if self.cuda:
             torch.cuda.synchronize(self.device)
-        total = 0.0
-        for op, layer, expert, t in self.spans:
-            dt = t[0].elapsed_time(t[1]) / 1e3 if self.cuda else t
-            total += dt
-        if self.wall_s is not None:
-            yield ("layer_overhead", tokens), max(0.0, self.wall_s - total) / num_layers
         for op, layer, expert, t in self.spans:
             dt = t[0].elapsed_time(t[1]) / 1e3 if self.cuda else t
             if op == "attention":
@@ -336,6 +354,7 @@ class _Profiler:
         self.rows: list[dict] = []
         self.log = log
         self.rng = random.Random(seed)
+        self._launch_samples: dict[str, list[float]] = {}   # copy_launch, pooled over the models
         self.gen = torch.Generator().manual_seed(seed)
 
     def add(self, model: str, op: str, result: dict, phase: str = "", tokens=None, batch=None, context=None,
@@ -376,11 +395,9 @@ class _Profiler:
                 forced = routing(T)
                 with torch.inference_mode():
                     ops.synchronize(self.device)
-                    w0 = time.perf_counter()
                     model.forward(tokens, cache, slots, routing=forced, op_timer=timer, on_routed=timer.routed,
                                   get_expert=get_expert)
                     ops.synchronize(self.device)
-                    timer.wall_s = time.perf_counter() - w0
                 done += 1
                 if done <= sw.warmup:
                     continue
@@ -455,6 +472,72 @@ class _Profiler:
                 self.add(name, op, r, tokens=key[1])
         return model
 
+    def executor_overheads(self, spec: ModelSpec) -> None:
+        """``layer_overhead`` and ``copy_overhead`` rows from runs of the real executor (module
+        docstring)."""
+        from dataclasses import replace as _replace
+
+        from sim.config import compose_scenario
+
+        from .executor import RealExecutor, build_model_and_store
+
+        sw, E, L = self.sweep, spec.num_experts, spec.num_layers
+        t0 = time.perf_counter()
+        cap_bps = CALIBRATION_LINK_BPS if self.device.type == "cpu" else 1e12
+
+        def scenario(batch: int, requests: int, output_len: int, capacity: int):
+            sc = compose_scenario(["hw=this_cpu", f"workload.batch_size={batch}",
+                                   f"workload.num_requests={requests}", f"workload.prompt_len={OVERHEAD_PROMPT}",
+                                   f"workload.output_len={output_len}", "workload.routing=uniform",
+                                   "workload.lookahead_accuracy=null", "policy/prefetch=lru",
+                                   f"policy.prefetch.capacity_per_layer={capacity}",
+                                   f"hw.host_link.bandwidth_bps={cap_bps}", "sim.progress=false",
+                                   f"seed={self.seed}"])
+            return _replace(sc, model=spec)
+
+        model, store = build_model_and_store(scenario(1, 1, 2, E), self.device, self.dtype)
+
+        launch: dict[str, list[float]] = {"idle": [], "busy": [], "resume": []}
+
+        def run(sc) -> pd.DataFrame:
+            ex = RealExecutor(sc, model=model, store=store, threads=self.threads)
+            steps = ex.run().steps
+            launch["resume"].extend(ex.rt.resume_delays_s)
+            prev_end = -math.inf
+            for r in sorted(ex.copy_records, key=lambda r: r.start_s):
+                idle = r.queued_at_s >= prev_end
+                launch["idle" if idle else "busy"].append(r.start_s - (r.queued_at_s if idle else prev_end))
+                prev_end = r.end_s
+            return steps
+
+        samples: dict[int, list[float]] = {}
+        for b in sw.overhead_batches:
+            steps = run(scenario(b, 2 * b, 6, E))
+            ops_s = steps[["attention_s", "expert_compute_s", "other_compute_s", "host_expert_s"]].sum(axis=1)
+            rest = (steps["duration_s"] - ops_s - steps["copy_stall_s"]).clip(lower=0.0) / L
+            for T, v in zip(steps["tokens"], rest):
+                samples.setdefault(int(T), []).append(float(v))
+        for T, vals in sorted(samples.items()):
+            self.add(spec.name, "layer_overhead", _summary(vals), tokens=T)
+
+        per_copy: list[float] = []
+        resident, offloaded = scenario(1, 4, 17, E), scenario(1, 4, 17, max(1, E // 2))
+        for _ in range(sw.overhead_pairs):
+            res, off = run(resident), run(offloaded)
+            res, off = res[res["phase"] == "decode"], off[off["phase"] == "decode"]
+            copies = float(((off["demand_bytes"] + off["prefetch_bytes"]) / store.expert_bytes).mean())
+            if copies <= 0:
+                continue
+            extra = ((off["duration_s"] - off["copy_stall_s"]).mean()
+                     - (res["duration_s"] - res["copy_stall_s"]).mean())
+            per_copy.append(float(extra) / copies)
+        if per_copy:
+            self.add(spec.name, "copy_overhead", _summary(per_copy), tokens=1, batch=1, nbytes=int(store.expert_bytes))
+        for k, vals in launch.items():
+            self._launch_samples.setdefault(k, []).extend(vals)
+        self.log(f"{spec.name}: executor overheads in {time.perf_counter() - t0:.1f} s"
+                 + (f" (copy_overhead {np.median(per_copy) * 1e3:.3f} ms per copy)" if per_copy else ""))
+
     def host_expert(self, spec: ModelSpec) -> None:
         """CUDA runs: one expert on the host CPU (float32), timed alone with the host's caches
         evicted before every call (a host-run expert's weights come from DRAM)."""
@@ -523,6 +606,11 @@ class _Profiler:
                 del src, dst
 
         curve("idle")
+        for phase, vals in sorted(self._launch_samples.items()):
+            if vals and phase == "resume":
+                self.add("", "copy_resume", _summary(vals))
+            elif vals:
+                self.add("", "copy_launch", _summary(vals), phase=phase)
         if not pool:
             return
         x = (torch.randn(8, pool[0].gate_up.shape[1], generator=self.gen)).to(self.device, self.dtype)
@@ -575,6 +663,7 @@ def run_profile(models: Sequence[str | ModelSpec], device: Optional[str] = None,
         sizes = set(sweep.copy_bytes)
         for spec in specs:
             model = prof.model_ops(spec)
+            prof.executor_overheads(spec)
             sizes.add(int(model.expert_nbytes))
             if dev.type == "cuda":
                 prof.host_expert(spec)

@@ -1,7 +1,7 @@
 """``moesim-validate``: run the real executor and the simulator on the same scenario and compare.
 
     moesim-validate [KEY=VALUE ...] [--repeats N] [--profile-dir DIR] [-o OUT]
-                    [--sweep KEY=V1,V2 ...] [--torch-profile] [--device cpu|cuda]
+                    [--sweep KEY=V1,V2 ...] [--free-running] [--torch-profile] [--device cpu|cuda]
 
 One validation: the scenario is composed with ``sim.config.compose_scenario`` (defaults below,
 then the user's overrides), the requests are built once (synthetic or trace) and shared by both
@@ -25,7 +25,10 @@ directory when it holds the model, else a ``moesim-profile --quick`` profile cac
 
 Defaults (each replaced by an override of the same key): ``hw=this_cpu model=mini_mixtral
 workload.num_requests=4 workload.prompt_len=32 workload.output_len=17`` (16 decode tokens)
-``hw.host_link.bandwidth_bps=4e9`` (a link cap the CPU shaper holds), and, unless the user sizes
+``hw.host_link.bandwidth_bps=2e9`` (a link cap the CPU shaper holds, at which copying an expert
+takes several times as long as computing it for one token -- mini_mixtral: 5.5 vs 0.8 ms,
+mini_qwen: 0.8 vs 0.15 ms -- the offload-bound regime PCIe puts real MoE experts in; it is also
+the cap ``moesim-profile`` measures the copy overheads at), and, unless the user sizes
 the expert cache (``policy.prefetch.capacity_per_layer``, ``hw.gpu.memory_bytes`` or another
 ``hw``), ``policy.prefetch.capacity_per_layer`` = half the model's experts (4 of 8 for
 mini_mixtral, 16 of 32 for mini_qwen), so offloading matters.
@@ -36,6 +39,13 @@ one row per cell with its key values, sim and real TPOT, the TPOT error, and the
 by TPOT within its group (the cells that differ only in ``policy/prefetch``): ``sim_rank``,
 ``real_rank``, ``ranking_agrees`` (the whole group's order is the same). The cost tables are
 resolved (profiled if needed) once, before the first cell.
+
+Free-running (``--free-running``): the real model's own router decides instead of the requests'
+routing (``RealExecutor(free_running=True)``). The real runs go first; the routing the first one
+chose is written to ``OUT/free_running_trace.parquet`` (a router trace, ``moesim workload=trace``
+replays it) and the simulator replays exactly that. Repeats that choose differently (nondeterministic
+kernels) are reported. Policies that need the routing before a pass (``oracle``, ``pregated``,
+``speculating``, ``lookahead``) are refused.
 
 Bad input prints one line ``moesim-validate: error: ...`` on stderr and exits with status 2.
 """
@@ -62,7 +72,7 @@ from .cli_util import OneLineParser as _Parser, run_cli
 
 PROG = "moesim-validate"
 DEFAULT_OVERRIDES = ("hw=this_cpu", "model=mini_mixtral", "workload.num_requests=4", "workload.prompt_len=32",
-                     "workload.output_len=17", "hw.host_link.bandwidth_bps=4e9")
+                     "workload.output_len=17", "hw.host_link.bandwidth_bps=2e9")
 CAPACITY_KEYS = ("policy.prefetch.capacity_per_layer", "hw.gpu.memory_bytes", "hw/gpu", "hw")
 METRICS = ("tpot_s", "ttft_s", "throughput_tok_s", "decode_step_s", "copy_stall_s", "h2d_bytes", "expert_hit_rate")
 POLICY_KEY = "policy/prefetch"
@@ -249,9 +259,22 @@ class _Models:
 _MODELS = _Models()
 
 
+def check_free_running(scenario) -> None:
+    """One-line error unless the scenario's policy can run with the model's own router."""
+    from sim.policies.base import prefetch_policy_class
+
+    cls = prefetch_policy_class(scenario.prefetch.name)
+    if cls.needs_future or cls.uses_predictions:
+        need = "the future routing" if cls.needs_future else "gate-lookahead predictions"
+        raise ConfigError(f"--free-running: policy/prefetch={scenario.prefetch.name} needs {need} before each pass, "
+                          f"which a model whose own router decides cannot give; drop --free-running (forced "
+                          f"routing) or choose lru, lfu, transition, moe_infinity or fiddler")
+
+
 def validate(overrides: Sequence[str] = (), repeats: int = 3, profile_dir: Optional[str | Path] = None,
              out: Optional[str | Path] = None, device: Optional[str] = None, torch_profile: bool = False,
-             log: Callable[[str], None] = lambda s: None, _resolved_profile: Optional[Path] = None) -> dict:
+             log: Callable[[str], None] = lambda s: None, _resolved_profile: Optional[Path] = None,
+             free_running: bool = False) -> dict:
     """One validation (module docstring); returns ``{"comparison", "iterations", "sim", "real", "out"}``."""
     from sim.engine import simulate
     from sim.cli import write_outputs
@@ -264,6 +287,8 @@ def validate(overrides: Sequence[str] = (), repeats: int = 3, profile_dir: Optio
     ov = with_defaults(overrides)
     # The real run needs no cost tables: check the scenario without them (they may not exist yet).
     scenario = _compose(ov + ["sim.progress=false", "++hw.cost_model=roofline"])
+    if free_running:
+        check_free_running(scenario)
     dev_type = device or "cpu"
     pdir = _resolved_profile or resolve_profile_dir([scenario], profile_dir, dev_type, log)
     sim_scenario = _compose(ov + ["sim.progress=false", "sim.timeline=true", "++hw.cost_model=table",
@@ -273,19 +298,39 @@ def validate(overrides: Sequence[str] = (), repeats: int = 3, profile_dir: Optio
     from hw.table import cost_model_for
 
     cost = cost_model_for(sim_scenario.hw, sim_scenario.model)   # checks the tables before anything runs
-    t0 = time.perf_counter()
-    sim = simulate(sim_scenario, requests, cost=cost, progress=False)
-    log(f"simulated in {time.perf_counter() - t0:.2f} s")
+
+    def run_sim(reqs):
+        t0 = time.perf_counter()
+        res = simulate(sim_scenario, reqs, cost=cost, progress=False)
+        log(f"simulated in {time.perf_counter() - t0:.2f} s")
+        return res
+
+    sim = None if free_running else run_sim(requests)
     model, store = _MODELS.get(scenario, device)
-    reals = []
+    reals, chosen = [], None
     for i in range(repeats):
         t0 = time.perf_counter()
         tp = out / f"torch_profile_{i}.json" if torch_profile else None
-        res = RealExecutor(scenario, requests, model=model, store=store, cost=cost, timeline=True,
-                           torch_profile=tp).run()
+        ex = RealExecutor(scenario, requests, model=model, store=store, cost=cost, timeline=True,
+                          torch_profile=tp, free_running=free_running)
+        res = ex.run()
         reals.append(res)
         log(f"real run {i + 1}/{repeats}: TPOT {_num(res.summary['tpot_s']) * 1e3:.3f} ms "
             f"({time.perf_counter() - t0:.2f} s)")
+        if free_running:
+            routed = ex.routed_requests()
+            if chosen is None:
+                chosen = routed
+            elif any(not np.array_equal(a.experts, b.experts) for a, b in zip(chosen, routed)):
+                log(f"real run {i + 1}: the router chose differently from run 1 (nondeterministic kernels); "
+                    f"the simulator replays run 1's routing")
+    if free_running:
+        from workloads.trace import TraceMeta, requests_to_frame, write_trace
+
+        out.mkdir(parents=True, exist_ok=True)
+        write_trace(out / "free_running_trace.parquet", requests_to_frame(chosen, scenario.model),
+                    TraceMeta.for_model(scenario.model, f"{PROG} --free-running (real_backend.executor)"))
+        sim = run_sim(chosen)
     iters = per_iteration(sim.steps, [r.steps for r in reals])
     table = comparison_table(sim.summary, [r.summary for r in reals], iters)
     med = reals[_median_index([r.summary["tpot_s"] for r in reals])]
@@ -306,7 +351,8 @@ def validate(overrides: Sequence[str] = (), repeats: int = 3, profile_dir: Optio
              f"|iter err| P50 {table.set_index('metric').loc['iter_abs_err_p50', 'error_pct']:.1f}%")
     scatter_plot(iters, out / "scatter.png", title)
     (out / "validation.json").write_text(json.dumps({"overrides": list(ov), "repeats": repeats,
-                                                     "profile_dir": str(pdir)}, indent=2) + "\n")
+                                                     "profile_dir": str(pdir), "free_running": free_running},
+                                                    indent=2) + "\n")
     return {"comparison": table, "iterations": iters, "sim": sim, "real": reals, "out": out}
 
 
@@ -343,7 +389,7 @@ def rank_groups(acc: pd.DataFrame, axes_keys: Sequence[str]) -> pd.DataFrame:
 
 
 def run_sweep(fixed: Sequence[str], axes: Sequence[str], repeats: int, profile_dir, out: Path, device,
-              log: Callable[[str], None]) -> pd.DataFrame:
+              log: Callable[[str], None], free_running: bool = False) -> pd.DataFrame:
     cells = sweep_cells(axes)
     axes_keys = [a.split("=", 1)[0] for a in axes]
     scenarios = [_compose(with_defaults(list(fixed) + c) + ["sim.progress=false", "++hw.cost_model=roofline"])
@@ -353,7 +399,8 @@ def run_sweep(fixed: Sequence[str], axes: Sequence[str], repeats: int, profile_d
     for i, cell in enumerate(cells):
         cdir = out / "cells" / f"{i:03d}-{_slug(cell)}"
         log(f"cell {i + 1}/{len(cells)}: {' '.join(cell)}")
-        r = validate(list(fixed) + cell, repeats, None, cdir, device, log=log, _resolved_profile=pdir)
+        r = validate(list(fixed) + cell, repeats, None, cdir, device, log=log, _resolved_profile=pdir,
+                     free_running=free_running)
         t = r["comparison"].set_index("metric")
         rows.append({**{k: o.split("=", 1)[1] for k, o in zip(axes_keys, cell)},
                      "sim_tpot_s": t.loc["tpot_s", "sim"], "real_tpot_s": t.loc["tpot_s", "real_median"],
@@ -403,6 +450,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", choices=("cpu", "cuda"), default=None, help="real executor's device (default: cpu "
                    "unless CUDA is available)")
     p.add_argument("--torch-profile", action="store_true", help="also write torch.profiler traces of the real runs")
+    p.add_argument("--free-running", action="store_true", help="the real model's own router decides; the "
+                   "simulator replays what it chose (written to OUT/free_running_trace.parquet)")
     return p
 
 
@@ -418,11 +467,12 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         out = Path(args.output) if args.output else Path("validation") / _dt.datetime.now().strftime(
             "%Y-%m-%d-%H-%M-%S")
         if args.sweep:
-            acc = run_sweep(args.overrides, args.sweep, args.repeats, args.profile_dir, out, args.device, log)
+            acc = run_sweep(args.overrides, args.sweep, args.repeats, args.profile_dir, out, args.device, log,
+                            free_running=args.free_running)
             print(format_accuracy(acc))
         else:
             r = validate(args.overrides, args.repeats, args.profile_dir, out, args.device,
-                         torch_profile=args.torch_profile, log=log)
+                         torch_profile=args.torch_profile, log=log, free_running=args.free_running)
             print(format_table(r["comparison"]))
         print(f"outputs: {out}")
         return 0

@@ -22,7 +22,15 @@ What runs, in simulated time:
   activations go GPU->host on the device-to-host copy engine, the host CPU (one job at a time)
   runs the expert, and the outputs come back host->GPU on the copy engine at demand priority. The
   GPU runs its other experts meanwhile and waits for host results before the combine
-  (``host_stall_s``).
+  (``host_stall_s``). When the host is the device (``hw.host_is_device``, ``hw=this_cpu``), a
+  host-run expert is compute on the stream itself, after the layer's other experts (its output
+  bytes are still counted, as the real executor counts them).
+* **Copy overhead**: each expert copy the pass issues adds ``cost.copy_overhead_s`` (the
+  executor's per-copy host work, measured by ``moesim-profile``; 0 for the roofline) to the
+  compute stream before it waits, booked as ``other_compute_s``. The copy engine starts each copy
+  ``cost.copy_launch_s`` after its turn (submitted to an idle engine / the previous copy done), and
+  a stream blocked on a copy resumes ``cost.copy_resume_s`` after it lands (counted as stall): the
+  real executor's thread wake-ups, measured by ``moesim-profile``; 0 for the roofline.
 
 Events are spent only where something can wait: one timeout per MoE layer (up to its router),
 plus a wait and a timeout per missing expert; everything else is summed analytically.
@@ -68,10 +76,12 @@ class CopyEngine:
     """
 
     def __init__(self, env: simpy.Environment, link: Optional[LinkSpec], name: str, timeline: Optional[list],
-                 duration_s: Optional[Callable[[float], float]] = None):
+                 duration_s: Optional[Callable[[float], float]] = None,
+                 launch_s: Optional[Callable[[bool], float]] = None):
         self.env = env
         self.link = link
         self.duration_s = duration_s or link.transfer_s
+        self.launch_s = launch_s   # engine_idle -> delay before a job starts (Table: copy_launch)
         self.name = name
         self._queue: list = []
         self._seq = 0
@@ -92,10 +102,15 @@ class CopyEngine:
     def _run(self):
         env = self.env
         while True:
-            if not self._queue:
+            idle = not self._queue
+            if idle:
                 self._wake = env.event()
                 yield self._wake
                 self._wake = None
+            if self.launch_s is not None:
+                delay = self.launch_s(idle)
+                if delay > 0:
+                    yield env.timeout(delay)
             _, _, nbytes, done, on_done, label = heapq.heappop(self._queue)
             start = env.now
             duration = self.duration_s(nbytes)
@@ -184,7 +199,8 @@ class Engine:
         links = self.system.links()
         h2d, d2h = links[h2d_id], links[d2h_id]
         self.copier = CopyEngine(env, h2d, f"copy {HOST}->{gpu}", self.timeline,
-                                 duration_s=lambda n: self.cost.copy_s(n, h2d))
+                                 duration_s=lambda n: self.cost.copy_s(n, h2d),
+                                 launch_s=lambda idle: self.cost.copy_launch_s(h2d, idle))
         self.d2h = CopyEngine(env, d2h, f"copy {gpu}->{HOST}", self.timeline,
                               duration_s=lambda n: self.cost.copy_s(n, d2h))
         self.host = CopyEngine(env, None, "host cpu", self.timeline, duration_s=self._host_expert_s)
@@ -202,6 +218,10 @@ class Engine:
         self._unused_prefetch: set = set()     # landed by a prefetch, not used yet
         self._prefetch_in_flight: set = set()  # prefetch copies not landed yet
         self._bytes = _Counter()
+        self._expert_copies = 0   # expert copies issued so far (demand loads, staging, prefetches)
+        self._copy_overhead_s = self.cost.copy_overhead_s(self.model)
+        self._copy_resume_s = self.cost.copy_resume_s(h2d)
+        self._host_is_device = bool(getattr(sc.hw, "host_is_device", False))
         self._expert_s: dict[int, float] = {}
         self._step_rows: list[dict] = []
         self._request_rows: list[dict] = []
@@ -315,6 +335,7 @@ class Engine:
         if self._use_predictions and all(r.req.predicted is not None for r in batch):
             pred_rows = (np.stack([r.req.predicted[r.pos] for r in batch]) if phase == "decode"
                          else np.concatenate([r.req.predicted[: r.req.prompt_len] for r in batch]))
+        copies_before = self._expert_copies
         plan = policy.on_step_begin(StepInfo(step, phase, composition, T, tuple(self._just_finished)), cache)
         self._just_finished.clear()
         if plan:
@@ -324,7 +345,8 @@ class Engine:
         hits = misses = late = useful = demand_loads = host_runs = 0
         prefetches_before = counters.prefetches
         active: list[int] = []
-        pending = cost.embed_s(model, T)
+        # The compute stream's share of each copy it issues (Table: the profile's copy_overhead).
+        pending = cost.embed_s(model, T) + self._copy_overhead_s * (self._expert_copies - copies_before)
         other_s += pending
         for layer in range(model.num_layers):
             if layer in self._dense:
@@ -348,10 +370,12 @@ class Engine:
                     p = np.unique(pred_rows[:, m, :])
                     predicted = {model.moe_layers[m + 1]: p[p >= 0].tolist()}
             cache.pinned = {(layer, e) for e in ids}  # from here on, nothing this layer needs is evicted
+            copies_before = self._expert_copies
             plan = policy.on_routed(step, layer, ids, predicted, cache, counts)
             ready = shared
             waits = []
             host_jobs = []
+            inline_host_s = 0.0
             for e, n in zip(ids, counts):
                 key = (layer, e)
                 if key in cache.resident:
@@ -372,8 +396,13 @@ class Engine:
                         useful += 1
                 elif policy.on_miss(layer, e, n, cache) == "host":
                     host_runs += 1
-                    host_cpu_s += self._host_expert_s(n)
-                    host_jobs.append(env.process(self._run_on_host(key, n)))
+                    t = self._host_expert_s(n)
+                    host_cpu_s += t
+                    if self._host_is_device:  # the same core: after the layer's other experts
+                        self._bytes.activation_bytes += n * model.hidden_size * model.act_bytes_per_elem
+                        inline_host_s += t
+                    else:
+                        host_jobs.append(env.process(self._run_on_host(key, n)))
                     continue
                 else:
                     demand_loads += 1
@@ -383,6 +412,10 @@ class Engine:
                 waits.append((ev, t))
             if plan:  # prefetches queue behind this layer's demand loads, issued just above
                 self._execute(plan)
+            if self._expert_copies != copies_before:
+                issue_s = self._copy_overhead_s * (self._expert_copies - copies_before)
+                ready += issue_s
+                other_s += issue_s
             acc = ready  # resident (and shared) experts run first, then each missing one once it landed
             for ev, t in waits:
                 if acc > 0:
@@ -391,6 +424,8 @@ class Engine:
                 if not ev.triggered:
                     t0 = env.now
                     yield ev
+                    if self._copy_resume_s > 0:   # the stream notices the copy landed this much later
+                        yield env.timeout(self._copy_resume_s)
                     stall_s += env.now - t0
                 acc += t
             if host_jobs:  # the combine needs the host-run experts' outputs back
@@ -402,7 +437,7 @@ class Engine:
                         t0 = env.now
                         yield job
                         host_stall_s += env.now - t0
-            pending = acc + combine
+            pending = acc + inline_host_s + combine
             cache.pinned = set()
         lm = cost.lm_head_s(model, len(batch))
         other_s += lm
@@ -454,6 +489,7 @@ class Engine:
     def _demand_load(self, key) -> simpy.Event:
         nbytes = self.model.expert_bytes
         self._bytes.demand_bytes += nbytes
+        self._expert_copies += 1
         label = f"L{key[0]} E{key[1]} demand"
         if self._make_room(key):
             ev = self.copier.submit(nbytes, DEMAND_PRIORITY, self._landed(key, False), label)
@@ -471,6 +507,7 @@ class Engine:
                     continue
                 self._bytes.prefetch_bytes += self.model.expert_bytes
                 self._bytes.prefetches += 1
+                self._expert_copies += 1
                 self._prefetch_in_flight.add(key)
                 ev = self.copier.submit(self.model.expert_bytes, PREFETCH_PRIORITY_BASE + action.priority,
                                         self._landed(key, True), f"L{key[0]} E{key[1]} prefetch")

@@ -82,6 +82,67 @@ def test_lone_miss_costs_bytes_over_bandwidth_plus_latency():
     assert step_miss.duration_s - step_hit.duration_s == pytest.approx(copy_s - resident_compute, rel=1e-9)
 
 
+def test_copy_overhead_is_paid_by_the_compute_stream_before_it_waits():
+    """A cost model whose copies cost the compute stream ``c`` each (the real executor's per-copy
+    host work, ``Table.copy_overhead_s``): the lone miss above issues one copy, so the step's
+    compute grows by c, which hides behind the copy until it outlasts the stall."""
+    from hw.cost import Roofline
+
+    class WithCopyOverhead(Roofline):
+        def __init__(self, sc, c):
+            super().__init__(sc.hw.gpu, sc.hw.cpu)
+            self.c = c
+
+        def copy_overhead_s(self, model):
+            return self.c
+
+    base = np.tile(np.arange(K), (3, L, 1))
+    rows = base.copy()
+    rows[2, 0, 7] = 63
+    sc = olmoe("policy.prefetch.capacity_per_layer=63")
+    copy_s = EXPERT_BYTES / PCIE5_BPS + PCIE_LAT
+    resident_compute = 7 * (gemm(1, 2 * I, H) + kernel(0, 3 * I * 2) + gemm(1, H, I))
+    stall = copy_s - resident_compute
+    steps = {c: Engine(sc, [request(0, rows, prompt_len=1)], cost=WithCopyOverhead(sc, c)).run().steps.iloc[2]
+             for c in (0.0, stall / 2, stall + 1e-4)}
+    s0 = steps[0.0]
+    for c, st in steps.items():
+        assert st.demand_loads == 1
+        assert st.other_compute_s - s0.other_compute_s == pytest.approx(c, rel=1e-9, abs=1e-15)
+        assert st.copy_stall_s == pytest.approx(max(0.0, stall - c), rel=1e-9, abs=1e-15)
+        assert st.duration_s - s0.duration_s == pytest.approx(max(0.0, c - stall), rel=1e-6, abs=1e-12)
+
+
+def test_copy_launch_delays_each_copy_by_the_idle_or_busy_figure():
+    """``copy_launch_s`` (the real copy worker's wake-up): a copy submitted to an idle engine starts
+    ``idle`` later, one queued behind another ``busy`` after it. Two misses in one layer: the first
+    waits for the engine to wake, the second for its turn; the stall grows by idle + busy."""
+    from hw.cost import Roofline
+
+    class WithLaunch(Roofline):
+        def __init__(self, sc, idle, busy):
+            super().__init__(sc.hw.gpu, sc.hw.cpu)
+            self.idle, self.busy = idle, busy
+
+        def copy_launch_s(self, link, engine_idle):
+            return self.idle if engine_idle else self.busy
+
+    rows = np.tile(np.arange(K), (3, L, 1))
+    rows[2, 0, 6], rows[2, 0, 7] = 62, 63            # two misses at layer 0 of the second decode token
+    sc = olmoe("policy.prefetch.capacity_per_layer=62", "sim.timeline=true")
+    idle, busy = 3e-4, 5e-5
+    runs = {k: Engine(sc, [request(0, rows, prompt_len=1)], cost=WithLaunch(sc, *k)).run()
+            for k in ((0.0, 0.0), (idle, busy))}
+    copy_s = EXPERT_BYTES / PCIE5_BPS + PCIE_LAT
+    plain, delayed = (runs[k].steps.iloc[2] for k in runs)
+    assert plain.demand_loads == delayed.demand_loads == 2
+    assert delayed.copy_stall_s - plain.copy_stall_s == pytest.approx(idle + busy, rel=1e-9)
+    copies = sorted((ev["ts"], ev["dur"]) for ev in runs[(idle, busy)].timeline if ev["cat"] == "copy")
+    (t1, d1), (t2, d2) = copies
+    assert d1 * 1e-6 == pytest.approx(copy_s) and d2 * 1e-6 == pytest.approx(copy_s)
+    assert (t2 - (t1 + d1)) * 1e-6 == pytest.approx(busy, rel=1e-6)
+
+
 def test_copy_shorter_than_compute_ahead_adds_no_stall():
     # A 2048-token prefill: 63 resident experts share the tokens (~0.6 ms of compute) while the
     # one missing expert (12.6 MB, ~0.25 ms over PCIe 5) is copied: no stall at all.

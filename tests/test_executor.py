@@ -85,6 +85,37 @@ def test_forced_routing_is_honoured(shared):
         assert set(np.unique(first.experts[: first.prompt_len, m, :]).tolist()) <= set(ex.recorded_passes[0][layer])
 
 
+def test_free_running_records_the_routers_choices_and_the_simulator_replays_them(shared):
+    """The model's own router decides; what it chose, forced back in, gives the same passes (same
+    experts run, same greedy tokens), and the simulator replaying it makes the same cache decisions."""
+    sc, reqs, free = _real(["policy/prefetch=lru"], shared, record_routing=True, free_running=True)
+    res = free.run()
+    routed = free.routed_requests()
+    E, K, M = sc.model.num_experts, sc.model.top_k, sc.model.num_moe_layers
+    assert [r.request_id for r in routed] == [r.request_id for r in reqs]
+    for r, orig in zip(routed, reqs):
+        assert r.experts.shape == orig.experts.shape == (r.prompt_len + r.output_len - 1, M, K)
+        assert ((r.experts >= 0) & (r.experts < E)).all()
+        assert all(len(set(row)) == K for row in r.experts.reshape(-1, K).tolist())  # top-k: distinct
+    assert not all(np.array_equal(a.experts, b.experts) for a, b in zip(routed, reqs))  # not the synthetic ones
+    forced = RealExecutor(sc, routed, model=shared[0], store=shared[1], record_routing=True)
+    forced_res = forced.run()
+    assert forced.recorded_passes == free.recorded_passes
+    sim = simulate(sc, routed)
+    pd.testing.assert_frame_equal(res.steps[COUNT_COLUMNS].reset_index(drop=True),
+                                  sim.steps[COUNT_COLUMNS].reset_index(drop=True), check_dtype=False)
+    pd.testing.assert_frame_equal(forced_res.steps[COUNT_COLUMNS], res.steps[COUNT_COLUMNS])
+
+
+@pytest.mark.parametrize("policy", ["oracle", "pregated", "lookahead"])
+def test_free_running_refuses_policies_that_need_routing_ahead(shared, policy):
+    from workloads.validation import ConfigError
+
+    with pytest.raises(ConfigError, match=f"policy/prefetch={policy} needs") as e:
+        _real([f"policy/prefetch={policy}"], shared, free_running=True)
+    assert "\n" not in str(e.value)
+
+
 def test_copies_are_bandwidth_capped(shared):
     stalls = {}
     for bw in ("1e12", "2e7"):
@@ -155,7 +186,21 @@ def test_validate_sweep_writes_accuracy(tiny_profile, tmp_path):
     assert sorted(acc.groupby("group")["sim_rank"].apply(sorted).tolist()) == [[1, 2], [1, 2]]
 
 
+def test_validate_free_running_writes_the_chosen_routing_as_a_trace(tiny_profile, tmp_path):
+    from workloads.trace import load_trace_requests
+
+    out = tmp_path / "free"
+    args = [o for o in TINY if o != "hw.cost_model=roofline"]
+    assert V.main(args + ["--repeats", "1", "--free-running", "--profile-dir", str(tiny_profile), "-o", str(out)]) == 0
+    table = pd.read_csv(out / "comparison.csv").set_index("metric")
+    assert table.loc["h2d_bytes", "error_pct"] == 0.0 and table.loc["expert_hit_rate", "error_pct"] == 0.0
+    sc = compose_scenario(TINY)
+    replayed = load_trace_requests(out / "free_running_trace.parquet", sc.model)
+    assert len(replayed) == sc.workload.num_requests
+
+
 @pytest.mark.parametrize("argv, needle", [
+    (["--free-running", "policy/prefetch=oracle"], "--free-running"),
     (["foo=1"], "foo"),
     (["model=nope"], "model=nope"),
     (["--repeats", "0", "--profile-dir", "x"], "repeats"),
