@@ -77,11 +77,23 @@ EXPERT_OPS = frozenset({"expert"})
 
 
 def build_model_and_store(scenario: Scenario, device: Optional[str | torch.device] = None,
-                          dtype: Optional[torch.dtype] = None) -> tuple[MoEModel, HostStore]:
-    """The scenario's model (random weights, ``scenario.seed``) with its routed experts moved into a
-    ``HostStore`` (the model keeps only non-expert weights). Reusable across runs of one model."""
+                          dtype: Optional[torch.dtype] = None,
+                          checkpoint: Optional[str | Path] = None) -> tuple[MoEModel, HostStore]:
+    """The scenario's model (random weights, ``scenario.seed``; or the weights of the local
+    safetensors ``checkpoint`` directory, Hugging Face Mixtral names, see ``real_backend.model``)
+    with its routed experts moved into a ``HostStore`` (the model keeps only non-expert weights).
+    Reusable across runs of one model. A checkpoint that is missing or does not fit the model's
+    shapes is a one-line ``ConfigError``."""
     dev = ops.resolve_device(device)
-    model = MoEModel(scenario.model, dev, dtype, seed=scenario.seed, expert_device="cpu")
+    if checkpoint is not None:
+        try:
+            model = MoEModel.from_checkpoint(scenario.model, checkpoint, dev, dtype, expert_device="cpu")
+        except (OSError, ValueError, KeyError) as exc:
+            msg = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            raise ConfigError(f"--checkpoint={checkpoint} cannot be loaded for model={scenario.model.name}: "
+                              f"{msg}") from None
+    else:
+        model = MoEModel(scenario.model, dev, dtype, seed=scenario.seed, expert_device="cpu")
     experts = {k: w.tensors for k, w in model.experts.items()}
     store = HostStore.for_device(experts, dev)
     model.experts = {}

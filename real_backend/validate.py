@@ -1,7 +1,12 @@
 """``moesim-validate``: run the real executor and the simulator on the same scenario and compare.
 
     moesim-validate [KEY=VALUE ...] [--repeats N] [--profile-dir DIR] [-o OUT]
-                    [--sweep KEY=V1,V2 ...] [--free-running] [--torch-profile] [--device cpu|cuda]
+                    [--sweep KEY=V1,V2 ...] [--free-running] [--checkpoint DIR] [--torch-profile]
+                    [--device cpu|cuda]
+
+``--checkpoint DIR``: the real model's weights from a local safetensors checkpoint (Hugging Face
+Mixtral names; ``real_backend.model``) instead of random ones; the shapes must be the scenario's
+``model``. Weights change what a free-running router picks, not the op costs.
 
 One validation: the scenario is composed with ``sim.config.compose_scenario`` (defaults below,
 then the user's overrides), the requests are built once (synthetic or trace) and shared by both
@@ -243,15 +248,15 @@ class _Models:
         self.key = None
         self.value = None
 
-    def get(self, scenario, device):
+    def get(self, scenario, device, checkpoint=None):
         from .executor import build_model_and_store
         from hw.table import model_signature
 
         key = (json.dumps(model_signature(scenario.model), sort_keys=True, default=str), scenario.model.num_layers,
-               scenario.model.dense_layers, scenario.seed, str(device))
+               scenario.model.dense_layers, scenario.seed, str(device), str(checkpoint))
         if key != self.key:
             self.key, self.value = None, None
-            self.value = build_model_and_store(scenario, device)
+            self.value = build_model_and_store(scenario, device, checkpoint=checkpoint)
             self.key = key
         return self.value
 
@@ -274,7 +279,7 @@ def check_free_running(scenario) -> None:
 def validate(overrides: Sequence[str] = (), repeats: int = 3, profile_dir: Optional[str | Path] = None,
              out: Optional[str | Path] = None, device: Optional[str] = None, torch_profile: bool = False,
              log: Callable[[str], None] = lambda s: None, _resolved_profile: Optional[Path] = None,
-             free_running: bool = False) -> dict:
+             free_running: bool = False, checkpoint: Optional[str | Path] = None) -> dict:
     """One validation (module docstring); returns ``{"comparison", "iterations", "sim", "real", "out"}``."""
     from sim.engine import simulate
     from sim.cli import write_outputs
@@ -289,6 +294,9 @@ def validate(overrides: Sequence[str] = (), repeats: int = 3, profile_dir: Optio
     scenario = _compose(ov + ["sim.progress=false", "++hw.cost_model=roofline"])
     if free_running:
         check_free_running(scenario)
+    if checkpoint is not None and not Path(checkpoint).is_dir():
+        raise ConfigError(f"--checkpoint={checkpoint} is not a directory; give a local safetensors checkpoint "
+                          f"directory (model*.safetensors, config.json)")
     dev_type = device or "cpu"
     pdir = _resolved_profile or resolve_profile_dir([scenario], profile_dir, dev_type, log)
     sim_scenario = _compose(ov + ["sim.progress=false", "sim.timeline=true", "++hw.cost_model=table",
@@ -306,7 +314,7 @@ def validate(overrides: Sequence[str] = (), repeats: int = 3, profile_dir: Optio
         return res
 
     sim = None if free_running else run_sim(requests)
-    model, store = _MODELS.get(scenario, device)
+    model, store = _MODELS.get(scenario, device, checkpoint)
     reals, chosen = [], None
     for i in range(repeats):
         t0 = time.perf_counter()
@@ -389,7 +397,8 @@ def rank_groups(acc: pd.DataFrame, axes_keys: Sequence[str]) -> pd.DataFrame:
 
 
 def run_sweep(fixed: Sequence[str], axes: Sequence[str], repeats: int, profile_dir, out: Path, device,
-              log: Callable[[str], None], free_running: bool = False) -> pd.DataFrame:
+              log: Callable[[str], None], free_running: bool = False,
+              checkpoint: Optional[str | Path] = None) -> pd.DataFrame:
     cells = sweep_cells(axes)
     axes_keys = [a.split("=", 1)[0] for a in axes]
     scenarios = [_compose(with_defaults(list(fixed) + c) + ["sim.progress=false", "++hw.cost_model=roofline"])
@@ -400,7 +409,7 @@ def run_sweep(fixed: Sequence[str], axes: Sequence[str], repeats: int, profile_d
         cdir = out / "cells" / f"{i:03d}-{_slug(cell)}"
         log(f"cell {i + 1}/{len(cells)}: {' '.join(cell)}")
         r = validate(list(fixed) + cell, repeats, None, cdir, device, log=log, _resolved_profile=pdir,
-                     free_running=free_running)
+                     free_running=free_running, checkpoint=checkpoint)
         t = r["comparison"].set_index("metric")
         rows.append({**{k: o.split("=", 1)[1] for k, o in zip(axes_keys, cell)},
                      "sim_tpot_s": t.loc["tpot_s", "sim"], "real_tpot_s": t.loc["tpot_s", "real_median"],
@@ -452,6 +461,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--torch-profile", action="store_true", help="also write torch.profiler traces of the real runs")
     p.add_argument("--free-running", action="store_true", help="the real model's own router decides; the "
                    "simulator replays what it chose (written to OUT/free_running_trace.parquet)")
+    p.add_argument("--checkpoint", default=None, metavar="DIR", help="real model weights from a local safetensors "
+                   "checkpoint directory (Hugging Face Mixtral names) instead of random ones")
     return p
 
 
@@ -468,11 +479,12 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             "%Y-%m-%d-%H-%M-%S")
         if args.sweep:
             acc = run_sweep(args.overrides, args.sweep, args.repeats, args.profile_dir, out, args.device, log,
-                            free_running=args.free_running)
+                            free_running=args.free_running, checkpoint=args.checkpoint)
             print(format_accuracy(acc))
         else:
             r = validate(args.overrides, args.repeats, args.profile_dir, out, args.device,
-                         torch_profile=args.torch_profile, log=log, free_running=args.free_running)
+                         torch_profile=args.torch_profile, log=log, free_running=args.free_running,
+                         checkpoint=args.checkpoint)
             print(format_table(r["comparison"]))
         print(f"outputs: {out}")
         return 0

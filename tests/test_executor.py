@@ -199,7 +199,28 @@ def test_validate_free_running_writes_the_chosen_routing_as_a_trace(tiny_profile
     assert len(replayed) == sc.workload.num_requests
 
 
+def test_checkpoint_weights_reach_the_executor_and_validate(tiny_profile, tmp_path):
+    """A local safetensors checkpoint (written by another seed's model) is what the executor runs:
+    non-expert weights in the model, experts in the host store; free-running routing follows them."""
+    from real_backend.model import MoEModel
+
+    sc = compose_scenario(TINY)
+    src = MoEModel(sc.model, "cpu", seed=123)
+    ckpt = src.save_checkpoint(tmp_path / "ckpt")
+    model, store = build_model_and_store(sc, "cpu", checkpoint=ckpt)
+    assert torch.equal(model.embed_w, src.embed_w) and torch.equal(model.lm_head_w, src.lm_head_w)
+    key = (sc.model.moe_layers[-1], 5)
+    for a, b in zip(store.tensors(key), src.experts[key].tensors):
+        assert torch.equal(a, b)
+    out = tmp_path / "val"
+    args = [o for o in TINY if o != "hw.cost_model=roofline"]
+    assert V.main(args + ["--repeats", "1", "--free-running", "--checkpoint", str(ckpt), "--profile-dir",
+                          str(tiny_profile), "-o", str(out)]) == 0
+    assert pd.read_csv(out / "comparison.csv").set_index("metric").loc["h2d_bytes", "error_pct"] == 0.0
+
+
 @pytest.mark.parametrize("argv, needle", [
+    (["--checkpoint", "/no/such/dir"], "--checkpoint=/no/such/dir"),
     (["--free-running", "policy/prefetch=oracle"], "--free-running"),
     (["foo=1"], "foo"),
     (["model=nope"], "model=nope"),
