@@ -486,7 +486,9 @@ class _Profiler:
         cap_bps = CALIBRATION_LINK_BPS if self.device.type == "cpu" else 1e12
 
         def scenario(batch: int, requests: int, output_len: int, capacity: int):
-            sc = compose_scenario(["hw=this_cpu", f"workload.batch_size={batch}",
+            # The executor never asks the cost model, and the tables are what is being written:
+            # the roofline stands in so that no profile_dir needs to exist yet (fresh clones).
+            sc = compose_scenario(["hw=this_cpu", "hw.cost_model=roofline", f"workload.batch_size={batch}",
                                    f"workload.num_requests={requests}", f"workload.prompt_len={OVERHEAD_PROMPT}",
                                    f"workload.output_len={output_len}", "workload.routing=uniform",
                                    "workload.lookahead_accuracy=null", "policy/prefetch=lru",

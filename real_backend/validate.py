@@ -94,7 +94,7 @@ def with_defaults(overrides: Sequence[str]) -> list[str]:
     keys = {_key(o) for o in overrides if "=" in o}
     out = [d for d in DEFAULT_OVERRIDES if _key(d) not in keys] + list(overrides)
     if not keys & set(CAPACITY_KEYS):
-        spec = _compose(out + ["sim.progress=false"]).model
+        spec = _compose(out + ["sim.progress=false", "++hw.cost_model=roofline"]).model   # tables may not exist yet
         out.append(f"policy.prefetch.capacity_per_layer={max(1, spec.num_experts // 2)}")
     return out
 
@@ -289,14 +289,14 @@ def validate(overrides: Sequence[str] = (), repeats: int = 3, profile_dir: Optio
 
     if repeats < 1:
         raise ConfigError(f"--repeats={repeats} is invalid; must be >= 1")
+    if checkpoint is not None and not Path(checkpoint).is_dir():
+        raise ConfigError(f"--checkpoint={checkpoint} is not a directory; give a local safetensors checkpoint "
+                          f"directory (model*.safetensors, config.json)")
     ov = with_defaults(overrides)
     # The real run needs no cost tables: check the scenario without them (they may not exist yet).
     scenario = _compose(ov + ["sim.progress=false", "++hw.cost_model=roofline"])
     if free_running:
         check_free_running(scenario)
-    if checkpoint is not None and not Path(checkpoint).is_dir():
-        raise ConfigError(f"--checkpoint={checkpoint} is not a directory; give a local safetensors checkpoint "
-                          f"directory (model*.safetensors, config.json)")
     dev_type = device or "cpu"
     pdir = _resolved_profile or resolve_profile_dir([scenario], profile_dir, dev_type, log)
     sim_scenario = _compose(ov + ["sim.progress=false", "sim.timeline=true", "++hw.cost_model=table",
