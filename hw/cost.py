@@ -58,6 +58,7 @@ class CostModel(Protocol):
     def copy_overhead_s(self, model: ModelSpec) -> float: ...
     def copy_launch_s(self, link: LinkSpec, engine_idle: bool) -> float: ...
     def copy_resume_s(self, link: LinkSpec) -> float: ...
+    def rejection_sampling_s(self, model: ModelSpec, positions: int) -> float: ...
 
 
 class Roofline:
@@ -132,6 +133,14 @@ class Roofline:
         nbytes = model.expert_bytes + 2 * tokens * model.hidden_size * model.act_bytes_per_elem
         t = max(flops / self._cpu_flops_per_s, nbytes / self._cpu_bytes_per_s)
         return t + 3 * self.cpu.op_overhead_s
+
+    def rejection_sampling_s(self, model: ModelSpec, positions: int) -> float:
+        """Speculative decoding's rejection sampling over ``positions`` verified positions: softmax
+        of the target's logits, then one pass reading the target's and the drafter's
+        probabilities and writing the residual distribution (fp32, vocabulary wide): two
+        memory-bound kernels."""
+        row_bytes = positions * model.vocab_size * 4.0
+        return self.elementwise_s(2 * row_bytes) + self.elementwise_s(3 * row_bytes)
 
     def copy_s(self, nbytes: float, link: LinkSpec) -> float:
         return link.transfer_s(nbytes)

@@ -4,6 +4,11 @@
 into a directed networkx graph whose nodes are ``"host"`` and ``"gpu0" .. "gpuN-1"`` and whose
 edges are one direction of a link (each edge carries its ``LinkSpec`` and a unique ``link_id``).
 ``route(src, dst)`` gives the link ids a transfer crosses; the simulator times copies on them.
+
+``tensor_parallel`` (default 1) runs the model on that many of the node's GPUs with Megatron-style
+tensor parallelism, as vLLM's ``--tensor-parallel-size`` does (MoESD runs Qwen2-57B-A14B on
+2xH800 this way): every GPU holds ``ModelSpec.tensor_shard(p)`` and the GPUs all-reduce the
+activations twice per layer over ``gpu_link`` (``hw.parallel``).
 """
 
 from __future__ import annotations
@@ -41,6 +46,8 @@ class SystemSpec:
     profile_copy: Literal["idle", "contended"] = "idle"  # which measured copy curve the table uses
     host_is_device: bool = False          # the "GPU" is the host CPU itself (hw=this_cpu): host-run
                                           # experts run on the compute stream, not beside it
+    tensor_parallel: int = 1              # GPUs the model is split across (vLLM --tensor-parallel-size);
+                                          # > 1 needs gpu_link, whose all-reduces hw.parallel times
 
     def validate(self, key: str = "hw") -> None:
         positive(self, key, "num_gpus")
@@ -54,6 +61,12 @@ class SystemSpec:
         if self.num_gpus > 1:
             require(self.gpu_link is not None, f"{key}.gpu_link", None,
                     "a system with num_gpus > 1 needs a gpu_link (e.g. hw/link@hw.gpu_link=nvlink4)")
+        require(1 <= self.tensor_parallel <= self.num_gpus, f"{key}.tensor_parallel", self.tensor_parallel,
+                f"must be between 1 and hw.num_gpus={self.num_gpus}")
+        if self.tensor_parallel > 1:
+            require(self.gpu_link is not None, f"{key}.gpu_link", None,
+                    f"{key}.tensor_parallel={self.tensor_parallel} needs a gpu_link for its all-reduces "
+                    f"(e.g. hw/link@hw.gpu_link=nvlink4)")
 
 
 class System:

@@ -49,8 +49,13 @@ it to every copy on the profiled host link (without the rows, 0). ``copy_resume`
 from a copy's end to the executor's thread running again when it was blocked waiting for it
 (``copy_resume_s``, counted as copy stall; without the row, 0).
 
+Speculative decoding: ``rejection_sampling`` rows (vs verified positions, ``tokens``) give
+``rejection_sampling_s``; a dense model (``num_experts: 0``, a drafter such as ``mini_draft``) has
+no expert, router or combine rows and costs 0 for those ops.
+
 Host execution (``host_expert_s``): the ``host_expert`` rows a CUDA profile carries, or on a CPU
-profile the expert curve itself (the host *is* the device).
+profile the expert curve itself (the host *is* the device) plus the measured
+``host_run_overhead`` (what a host run costs the executor beyond a slot run).
 
 This module must not import torch (hw/ never does).
 """
@@ -187,16 +192,20 @@ class _ModelTables:
     decode: Optional[Grid]
     prefill: Optional[Grid]
     copy_overhead_s: float = 0.0
+    host_run_overhead_s: float = 0.0
 
 
 class Table:
     """``CostModel`` from measured tables (see the module docstring)."""
 
     def __init__(self, profile_dir: str | Path, host_link: Optional[LinkSpec] = None,
-                 copy_phase: str = "idle", key: str = "hw.profile_dir"):
+                 copy_phase: str = "idle", key: str = "hw.profile_dir",
+                 loaded: Optional[tuple[dict, pd.DataFrame]] = None):
+        """``loaded``: (header, rows) already in memory (the profiler's own partial tables), instead
+        of reading ``profile_dir``."""
         self.profile_dir = str(profile_dir)
         self.key = key
-        self.header, self.rows = read_profile(profile_dir, key)
+        self.header, self.rows = loaded if loaded is not None else read_profile(profile_dir, key)
         self.device = str(self.header.get("device", ""))
         self.host_link = host_link
         if copy_phase not in ("idle", "contended"):
@@ -242,11 +251,15 @@ class Table:
         curves: dict[str, Curve] = {}
         for op, size in (("expert", "tokens"), ("router", "tokens"), ("shared_experts", "tokens"),
                          ("dense_ffn", "tokens"), ("combine", "tokens"), ("embed", "tokens"),
-                         ("lm_head", "batch"), ("host_expert", "tokens"), ("layer_overhead", "tokens")):
+                         ("lm_head", "batch"), ("host_expert", "tokens"), ("layer_overhead", "tokens"),
+                         ("rejection_sampling", "tokens")):
             r = rows[(rows["op"] == op) & (rows["phase"] == "")]
             if len(r):
                 curves[op] = Curve(r[size].astype(float), r["median_s"].astype(float))
-        for op in ("expert", "router", "combine", "embed", "lm_head"):
+        # A dense model (num_experts=0: a speculative-decoding drafter, a dense target) has no
+        # expert, router or combine rows; it never asks for them (they cost 0 below).
+        required = ("expert", "router", "combine", "embed", "lm_head") if model.num_moe_layers else ("embed", "lm_head")
+        for op in required:
             if op not in curves:
                 raise ConfigError(f"{self.key}={self.profile_dir} has no '{op}' measurements for model={model.name}; "
                                   f"re-run moesim-profile --models {model.name}")
@@ -266,14 +279,17 @@ class Table:
                               f"model={model.name}; re-run moesim-profile --models {model.name}")
         r = rows[(rows["op"] == "copy_overhead")]
         copy_overhead = max(0.0, float(r["median_s"].median())) if len(r) else 0.0
-        t = self._models[model.name] = _ModelTables(curves, grids["decode"], grids["prefill"], copy_overhead)
+        r = rows[(rows["op"] == "host_run_overhead")]
+        host_run_overhead = max(0.0, float(r["median_s"].median())) if len(r) else 0.0
+        t = self._models[model.name] = _ModelTables(curves, grids["decode"], grids["prefill"], copy_overhead,
+                                                    host_run_overhead)
         return t
 
     # ------------------------------------------------------------------ CostModel
     def attention_block_s(self, model: ModelSpec, batch: BatchShape) -> float:
         t = self._tables(model)
         overhead = t.curves["layer_overhead"](batch.tokens) if "layer_overhead" in t.curves else 0.0
-        return overhead + self._attention_s(t, batch)
+        return max(0.0, overhead + self._attention_s(t, batch))   # the residual may be negative
 
     @staticmethod
     def _attention_s(t: _ModelTables, batch: BatchShape) -> float:
@@ -290,10 +306,12 @@ class Table:
         return dec + (pre - dec) * f
 
     def router_s(self, model: ModelSpec, tokens: int) -> float:
+        if not model.num_moe_layers:
+            return 0.0
         return self._tables(model).curves["router"](tokens)
 
     def expert_s(self, model: ModelSpec, tokens: int) -> float:
-        if tokens <= 0:
+        if tokens <= 0 or not model.num_moe_layers:
             return 0.0
         return self._tables(model).curves["expert"](tokens)
 
@@ -308,6 +326,8 @@ class Table:
         return self._tables(model).curves["dense_ffn"](tokens)
 
     def combine_s(self, model: ModelSpec, tokens: int) -> float:
+        if not model.num_moe_layers:
+            return 0.0
         return self._tables(model).curves["combine"](tokens)
 
     def embed_s(self, model: ModelSpec, tokens: int) -> float:
@@ -317,15 +337,22 @@ class Table:
         return self._tables(model).curves["lm_head"](sequences)
 
     def host_expert_s(self, model: ModelSpec, tokens: int) -> float:
-        if tokens <= 0:
+        if tokens <= 0 or not model.num_moe_layers:
             return 0.0
-        curves = self._tables(model).curves
-        if "host_expert" in curves:
-            return curves["host_expert"](tokens)
+        t = self._tables(model)
+        if "host_expert" in t.curves:
+            return t.curves["host_expert"](tokens)
         if self.device == "cpu":
-            return curves["expert"](tokens)
+            return t.curves["expert"](tokens) + t.host_run_overhead_s
         raise ConfigError(f"{self.key}={self.profile_dir} has no host_expert measurements for model={model.name}; "
                           f"re-run moesim-profile on the {self.device} machine")
+
+    def rejection_sampling_s(self, model: ModelSpec, positions: int) -> float:
+        curves = self._tables(model).curves
+        if "rejection_sampling" not in curves:
+            raise ConfigError(f"{self.key}={self.profile_dir} has no rejection_sampling measurements for "
+                              f"model={model.name} (speculative decoding); re-run moesim-profile --models {model.name}")
+        return curves["rejection_sampling"](positions)
 
     def copy_s(self, nbytes: float, link: LinkSpec) -> float:
         analytic = link.transfer_s(nbytes)

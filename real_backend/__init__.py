@@ -1,6 +1,9 @@
-"""The real PyTorch MoE executor (issue 4): not built yet.
+"""The real PyTorch side that keeps the simulator honest (needs ``pip install -e '.[real]'``).
 
-It will own the PyTorch MoE model, the expert offload runtime, router-trace capture, the cost-table
-profiler and side-by-side validation, and it will drive the same policy objects as ``sim``.
-Nothing in ``sim``, ``hw`` or ``workloads`` imports this package.
+The MoE model built from a ModelSpec (``model``, ``ops``), the expert offload runtime (``offload``),
+the executor that runs the simulator's scenarios with the same scheduler, policy objects, forced
+routing and speculation rounds (``executor``), router-trace capture from Hugging Face models
+(``capture``), the cost-table profiler (``profile``, ``moesim-profile``) and side-by-side
+validation (``validate``, ``moesim-validate``). Nothing in ``sim``, ``hw`` or ``workloads`` imports
+this package.
 """

@@ -31,8 +31,42 @@ scenario, same requests, same policy objects, same record schema, same summarise
   ``expert_compute_s`` (routed experts), ``other_compute_s`` (embed, router, shared experts, dense
   FFNs, combine, LM head) timed around the ops (``perf_counter`` on CPU, CUDA events on GPU);
   ``copy_stall_s`` = time spent waiting in ``OffloadRuntime.weights()``; hits, misses, bytes and
-  prefetch counters from the runtime. Unlike the simulator, the five time columns do not add up to
+  prefetch counters from the runtime; ``draft_s``, ``reject_s`` and the other speculation columns
+  from ``sim.speculation.spec_columns``. Unlike the simulator, the time columns do not add up to
   ``duration_s``: the rest is Python, policy and bookkeeping overhead (``summary["overhead_s"]``).
+* **Speculative decoding** (``policy/speculation=static|cascade``; ``sim/speculation.py`` is the
+  reference): each decode pass is a round planned by ``sim.speculation.plan_round`` with the
+  scenario's policy object and a ``workloads.acceptance.AcceptanceSampler`` seeded as the
+  simulator's, so both engines run identical rounds (K, drafts and accepted drafts per request).
+  (a) **Draft**: ``drafter=model``: the draft model (``policy.speculation.draft_model``, a
+  ``MoEModel`` with random weights, seed ``seed + 1``, every weight on the device, its own KV
+  cache) runs ``max k_r`` sequential passes, pass ``j`` carrying the requests with ``k_r > j``;
+  the first feeds each request the committed tokens its cache lacks (the last one, plus the last
+  draft of a fully accepted round, which the simulator does not charge), the others the previous
+  pass's greedy token (argmax; its softmax is kept as the drafter's distribution). When the policy
+  asks for K=0 with ``draft_keeps_running``, one pass keeps the draft cache current. The draft model also prefills
+  every prompt in the prefill pass. ``drafter=ngram``: prompt lookup on the host over the
+  request's token ids (``ngram_propose``), one-hot draft distributions. ``drafter=eagle`` is
+  refused (one-line error). (b) **Verify**: one target pass of ``k_r + 1`` tokens per request
+  (the last committed token and its drafts) appended to the KV cache, routing forced from
+  ``sim.speculation.verify_rows`` (``rejected_routing`` and its seeding: ``sim.speculation.RejectedRouting``,
+  the engine's own method is called), the offload runtime fetching each missing expert once per
+  layer as in any pass, the LM head on every position. (c) **Rejection sampling**
+  (``ops.rejection_sampling``: softmax over every verified position, accept test against the
+  drafter's probabilities, residual distribution) runs for real and is timed, but its outcome is
+  ignored: the planned accepted counts are committed (forced acceptance, as routing is forced:
+  random weights have no meaningful acceptance). The target's own token at the first rejected
+  position (or the bonus token) is the greedy argmax of the verify logits there. (d) **Commit and
+  roll back**: the target's KV cache keeps ``pos + a_r + 1`` tokens (``KVCache.truncate``), the
+  draft's at most as many; ``BatchScheduler.complete`` gets ``Round.committed``; the policy's
+  ``on_round_end`` gets the measured pass. ``draft_s`` (the draft passes, or the lookup) and
+  ``reject_s`` are timed around their work and are not part of ``attention_s``,
+  ``expert_compute_s`` or ``other_compute_s``. ``token_ids`` / ``token_origins`` keep every
+  request's committed tokens and which model chose each generated one (``T`` target, ``D``
+  draft). ``free_running=True`` with speculation is refused (the rejected drafts' routing could
+  not be replayed).
+* **Dense targets** (``num_experts: 0``, e.g. ``model=mini_draft``): nothing to offload; the
+  runtime is a stand-in that counts nothing (used by ``moesim-profile`` to calibrate dense models).
 * **Outputs**: ``RunResult`` (``sim.engine``), so ``sim.cli.write_outputs`` writes the same files
   as ``moesim``. ``timeline=True`` adds a Chrome trace: passes and ops on the compute track, the
   runtime's copy records on the copy track. ``torch_profile=PATH`` also writes a torch.profiler
@@ -48,7 +82,7 @@ import gc
 import sys
 import time
 from contextlib import nullcontext
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional
 
@@ -61,15 +95,18 @@ from hw.system import HOST, System, gpu_node
 from sim.engine import REQUEST_COLUMNS, STEP_COLUMNS, RunResult, host_crossover_tokens, record_future
 from sim.memory import default_activation_bytes, plan_memory
 from sim.metrics import summarize
-from sim.policies.base import PrefetchPolicy, StepInfo, prefetch_policy_class
+from sim.policies.base import PolicyContext, PrefetchPolicy, StepInfo, prefetch_policy_class
+from sim.policies.speculation import RoundResult, SpecContext, SpeculationPolicy, speculation_policy_class
 from sim.scenario import Scenario
 from sim.scheduler import BatchScheduler, RunningRequest
+from sim.speculation import Drafter, RejectedRouting, Round, plan_round, spec_columns
+from workloads.acceptance import AcceptanceSampler
 from workloads.requests import Request, build_requests
 from workloads.validation import ConfigError
 
 from . import ops
 from .model import MoEModel
-from .offload import HostStore, OffloadRuntime
+from .offload import HostStore, OffloadRuntime, StepCounters
 
 NO_CAP_BPS = 1e12   # a host-link bandwidth at or above this is "no cap" (hw=this_cpu's default)
 ATTENTION_OPS = frozenset({"attention"})
@@ -78,12 +115,12 @@ EXPERT_OPS = frozenset({"expert"})
 
 def build_model_and_store(scenario: Scenario, device: Optional[str | torch.device] = None,
                           dtype: Optional[torch.dtype] = None,
-                          checkpoint: Optional[str | Path] = None) -> tuple[MoEModel, HostStore]:
+                          checkpoint: Optional[str | Path] = None) -> tuple[MoEModel, Optional[HostStore]]:
     """The scenario's model (random weights, ``scenario.seed``; or the weights of the local
     safetensors ``checkpoint`` directory, Hugging Face Mixtral names, see ``real_backend.model``)
-    with its routed experts moved into a ``HostStore`` (the model keeps only non-expert weights).
-    Reusable across runs of one model. A checkpoint that is missing or does not fit the model's
-    shapes is a one-line ``ConfigError``."""
+    with its routed experts moved into a ``HostStore`` (the model keeps only non-expert weights;
+    a dense model has no experts and no store: None). Reusable across runs of one model. A
+    checkpoint that is missing or does not fit the model's shapes is a one-line ``ConfigError``."""
     dev = ops.resolve_device(device)
     if checkpoint is not None:
         try:
@@ -94,11 +131,94 @@ def build_model_and_store(scenario: Scenario, device: Optional[str | torch.devic
                               f"{msg}") from None
     else:
         model = MoEModel(scenario.model, dev, dtype, seed=scenario.seed, expert_device="cpu")
+    if not model.experts:   # a dense model: nothing to offload
+        return model, None
     experts = {k: w.tensors for k, w in model.experts.items()}
     store = HostStore.for_device(experts, dev)
     model.experts = {}
     del experts
     return model, store
+
+
+def build_draft_model(scenario: Scenario, device: Optional[str | torch.device] = None,
+                      dtype: Optional[torch.dtype] = None) -> Optional[MoEModel]:
+    """The draft model of a ``drafter=model`` scenario (``scenario.draft_model``; random weights
+    seeded by ``seed + 1``; every weight on the device); None for other drafters or no speculation."""
+    spec_cfg = scenario.speculation
+    if spec_cfg.name == "none" or spec_cfg.drafter != "model" or scenario.draft_model is None:
+        return None
+    return MoEModel(scenario.draft_model, ops.resolve_device(device), dtype, seed=scenario.seed + 1)
+
+
+def ngram_propose(ids: list[int], k: int, max_n: int = 3) -> list[int]:
+    """Prompt lookup (vLLM's ``ngram`` drafter): the longest suffix of ``ids`` of ``max_n`` .. 1
+    tokens that occurred earlier in ``ids``; the ``k`` tokens that followed its latest earlier
+    occurrence. Fewer than ``k`` found (or no match): padded with the last proposed (or last)
+    token -- the round's plan asks for exactly ``k`` drafts."""
+    n_ids = len(ids)
+    out: list[int] = []
+    for n in range(min(max_n, n_ids - 1), 0, -1):
+        suffix = ids[n_ids - n:]
+        for start in range(n_ids - n - 1, -1, -1):
+            if ids[start:start + n] == suffix:
+                out = ids[start + n:start + n + k]
+                break
+        if out:
+            break
+    last = out[-1] if out else (ids[-1] if ids else 0)
+    return out + [last] * (k - len(out))
+
+
+REAL_DRAFTERS = ("model", "ngram")
+
+
+def check_speculation(scenario: Scenario, free_running: bool = False) -> None:
+    """One-line ``ConfigError`` unless the real executor can run the scenario's speculative decoding."""
+    cfg = scenario.speculation
+    if cfg.name == "none":
+        return
+    if free_running:
+        raise ConfigError(f"policy/speculation={cfg.name} cannot run free-running (--free-running): the verify pass "
+                          f"routes rejected drafts, which a recorded trace cannot replay; drop --free-running "
+                          f"(forced routing) or use policy/speculation=none")
+    if cfg.drafter not in REAL_DRAFTERS:
+        why = {"eagle": " (an EAGLE head needs a trained head on the target's hidden states)",
+               "self": " (SpecMoE's drafting through the target's resident experts is simulated only)"}
+        raise ConfigError(f"policy.speculation.drafter={cfg.drafter} is not run by the real executor"
+                          f"{why.get(cfg.drafter, '')}; choose one of: {', '.join(REAL_DRAFTERS)}")
+    if cfg.drafter == "model":
+        d, t = scenario.draft_model, scenario.model
+        if d is None:
+            raise ConfigError(f"policy.speculation.draft_model={cfg.draft_model} did not resolve to a model; "
+                              f"name a conf/model preset, e.g. mini_draft")
+        if d.vocab_size != t.vocab_size:
+            raise ConfigError(f"policy.speculation.draft_model={d.name} has vocab_size={d.vocab_size} but "
+                              f"model={t.name} has {t.vocab_size}; a draft model must share its target's "
+                              f"vocabulary (e.g. mini_draft for mini_mixtral and mini_qwen)")
+
+
+class _DenseRuntime:
+    """Stands in for the ``OffloadRuntime`` when the target is dense: no experts, nothing to copy,
+    nothing counted (the policy is reset and asked nothing)."""
+
+    def __init__(self, policy: PrefetchPolicy):
+        self.policy = policy
+        self.copier = type("NoCopier", (), {"busy_s": 0.0, "sched": "none"})()
+        self.copy_records: list = []
+        self.resume_delays_s: list[float] = []
+
+    def start(self, model, *, seed: int = 0, initial_residency: str = "fill", host_crossover_tokens=None,
+              future=None) -> None:
+        self.policy.reset(PolicyContext(model, "per_layer", 0, 0, (), seed, host_crossover_tokens))
+
+    def begin_step(self, info: StepInfo) -> tuple:
+        return ()
+
+    def end_step(self, step: int) -> StepCounters:
+        return StepCounters()
+
+    def close(self) -> None:
+        pass
 
 
 class _OpTimer:
@@ -112,6 +232,7 @@ class _OpTimer:
 
     def reset(self) -> None:
         self.attention_s = self.expert_s = self.other_s = self.host_expert_s = 0.0
+        self.draft_s = self.reject_s = 0.0
         self.spans: list[tuple[str, str, Any, Any]] = []   # (category, name, start, end)
 
     def __call__(self, op: str, layer: Optional[int], expert: Optional[int]):
@@ -120,6 +241,10 @@ class _OpTimer:
             ex._close_layer()   # expert compute issued: release staging buffers, unpin (not timed)
         if op == "attention":
             cat = "attention"
+        elif op == "draft":
+            cat = "draft"
+        elif op == "rejection_sampling":
+            cat = "reject"
         elif op == "expert":
             cat = "host_expert" if expert in ex._host_experts else "expert"
         else:
@@ -134,6 +259,10 @@ class _OpTimer:
             self.expert_s += dt
         elif cat == "host_expert":
             self.host_expert_s += dt
+        elif cat == "draft":
+            self.draft_s += dt
+        elif cat == "reject":
+            self.reject_s += dt
         else:
             self.other_s += dt
 
@@ -176,6 +305,9 @@ class _Span:
 class _Seq:
     slot: int
     next_token: int
+    dslot: Optional[int] = None                        # the draft model's KV cache slot
+    ids: list[int] = field(default_factory=list)       # prompt + committed tokens (the last: next_token)
+    origins: list[str] = field(default_factory=list)   # per generated token: "T" target, "D" accepted draft
 
 
 class RealExecutor:
@@ -185,7 +317,9 @@ class RealExecutor:
     model. ``cost`` is used only for what a policy needs from a cost model (the host crossover of
     ``fiddler``, the first run of ``record_future``); default: the scenario's cost model if it
     loads, else the roofline. ``threads``: torch intra-op threads during the run (default 1 on
-    CPU, as ``moesim-profile`` measures; the copy worker takes the other core).
+    CPU, as ``moesim-profile`` measures; the copy worker takes the other core). ``draft``: the
+    draft model of a ``drafter=model`` scenario (``build_draft_model``; built by ``run()`` if not
+    given); ``speculation``: the speculation policy object (default: the scenario's).
     """
 
     def __init__(self, scenario: Scenario, requests: Optional[list[Request]] = None, *,
@@ -194,7 +328,8 @@ class RealExecutor:
                  cost: Optional[CostModel] = None, threads: Optional[int] = None,
                  timeline: Optional[bool] = None, torch_profile: Optional[str | Path] = None,
                  warmup_passes: int = 1, worker_priority: str = "realtime", record_routing: bool = False,
-                 progress: bool = False, free_running: bool = False):
+                 progress: bool = False, free_running: bool = False, draft: Optional[MoEModel] = None,
+                 speculation: Optional[SpeculationPolicy] = None):
         self.scenario = scenario
         self.spec = scenario.model
         if requests is None:
@@ -202,6 +337,12 @@ class RealExecutor:
         self.requests = sorted(requests, key=lambda r: r.arrival_s)
         if not self.requests:
             raise ConfigError("workload.num_requests=0 is invalid for the real executor; need at least one request")
+        spec_cfg = scenario.speculation
+        self._speculating = spec_cfg.name != "none"
+        if self._speculating:
+            check_speculation(scenario, free_running)
+        self.spec_policy: SpeculationPolicy = speculation or speculation_policy_class(spec_cfg.name)(spec_cfg)
+        self.draft = draft
         self.policy = policy or prefetch_policy_class(scenario.prefetch.name)(scenario.prefetch)
         if self.policy.substitutes:
             raise ConfigError(f"policy/prefetch={scenario.prefetch.name} with lossy substitution is not supported "
@@ -250,7 +391,11 @@ class RealExecutor:
         if act is None:
             act = default_activation_bytes(self.spec, wl.max_prefill_tokens)
         gpu = sc.hw.gpu
-        return plan_memory(self.spec, gpu.memory_bytes, gpu.reserved_bytes, kv_tokens, act,
+        reserved = gpu.reserved_bytes
+        if self._speculating:   # as the simulator: the drafter's weights and KV cache beside the target's
+            drafter = Drafter.build(sc.speculation, self.spec, sc.draft_model, None)
+            reserved += drafter.resident_bytes + kv_tokens * drafter.kv_bytes_per_token
+        return plan_memory(self.spec, gpu.memory_bytes, reserved, kv_tokens, act,
                            sc.prefetch.cache_scope, sc.prefetch.capacity_per_layer, sc.hw.name)
 
     def _cost_model(self) -> CostModel:
@@ -264,6 +409,8 @@ class RealExecutor:
         return self._cost
 
     def _runtime(self) -> OffloadRuntime:
+        if self.store is None:
+            return _DenseRuntime(self.policy)
         link = self.scenario.hw.host_link
         bw = None if (link.bandwidth_bps >= NO_CAP_BPS or self.device.type == "cuda") else link.bandwidth_bps
         lat = 0.0 if self.device.type == "cuda" else link.latency_s
@@ -276,14 +423,18 @@ class RealExecutor:
     def run(self) -> RunResult:
         wall0 = time.perf_counter()
         sc = self.scenario
-        if self.model is None or self.store is None:
+        if self.model is None or (self.store is None and not self.spec.is_dense):
             self.model, self.store = build_model_and_store(sc, self.device)
+        if self.draft is None:
+            self.draft = build_draft_model(sc, self.device, self.model.dtype)
         future = None
         if self.policy.needs_future:
             future = record_future(sc, self.requests, self._cost_model())
-        system = System(sc.hw)   # the host crossover the simulator gives the policy (Fiddler)
-        (h2d_id,) = system.route(HOST, gpu_node(sc.sim.gpu))
-        crossover = host_crossover_tokens(self._cost_model(), self.spec, system.links()[h2d_id])
+        crossover = None
+        if not self.spec.is_dense:   # the host crossover the simulator gives the policy (Fiddler)
+            system = System(sc.hw)
+            (h2d_id,) = system.route(HOST, gpu_node(sc.sim.gpu))
+            crossover = host_crossover_tokens(self._cost_model(), self.spec, system.links()[h2d_id])
         old_threads = torch.get_num_threads()
         if self.threads:
             torch.set_num_threads(self.threads)
@@ -331,8 +482,9 @@ class RealExecutor:
         summary["copy_engine_busy_s"] = copy_busy
         summary["overhead_s"] = float((steps["duration_s"] - steps[["attention_s", "expert_compute_s",
                                        "other_compute_s", "copy_stall_s", "host_stall_s",
-                                       "host_expert_s"]].sum(axis=1)).sum())
+                                       "host_expert_s", "draft_s", "reject_s"]].sum(axis=1)).sum())
         summary.update(self.policy.report())
+        summary.update(self.spec_policy.report())
         if future is not None:
             summary["future_passes_overridden"] = future.overridden
         summary["expert_slots"] = self.memory.total_slots
@@ -362,6 +514,21 @@ class RealExecutor:
             row = r.experts[min(n + i, len(r.experts) - 1)].astype(np.int64)
             routing = {layer: row[m][None, :] for m, layer in enumerate(model.moe_layers)}
             out = model.forward([[int(out.logits[0].argmax())]], cache, [slot], routing=routing, get_expert=get)
+        if self._speculating:   # a verify-shaped pass (masked attention, every position's logits), the
+            v = self.scenario.speculation.k + 1   # drafter's passes and rejection sampling
+            idx = [min(n + self.warmup_passes + j, len(r.experts) - 1) for j in range(v)]
+            rows = r.experts[idx].astype(np.int64)
+            routing = {layer: rows[:, m, :] for m, layer in enumerate(model.moe_layers)}
+            out = model.forward([[1] * v], cache, [slot], routing=routing, get_expert=get, all_logits=True)
+            q = out.logits.softmax(dim=-1)
+            drafted = torch.ones(v, dtype=torch.long, device=self.device)
+            ops.rejection_sampling(out.logits, q, drafted)
+            if self.draft is not None:
+                dcache = self.draft.new_cache(1, n + v + 1)
+                dslot = dcache.allocate()
+                self.draft.forward([[1] * n], dcache, [dslot])
+                for _ in range(max(1, self.warmup_passes)):
+                    self.draft.forward([[1]], dcache, [dslot])
         ops.synchronize(self.device)
 
     # ------------------------------------------------------------------ serving loop
@@ -371,8 +538,16 @@ class RealExecutor:
         self._request_rows: list[dict] = []
         self._just_finished: list[int] = []
         self._seqs: dict[int, _Seq] = {}
+        self.token_ids: dict[int, list[int]] = {}
+        self.token_origins: dict[int, list[str]] = {}
         longest = max(r.prompt_len + r.output_len for r in self.requests)
-        self.kv = self.model.new_cache(max(1, min(wl.batch_size, len(self.requests))), longest + 1)
+        max_seqs = max(1, min(wl.batch_size, len(self.requests)))
+        self.kv = self.model.new_cache(max_seqs, longest + 1)
+        self.dkv = self.draft.new_cache(max_seqs, longest + 1) if self.draft is not None else None
+        self.spec_policy.reset(SpecContext(self.spec, sc.speculation.k, sc.seed))
+        self._sampler = AcceptanceSampler(sc.speculation, sc.seed) if self._speculating else None
+        self._rejected = RejectedRouting(sc.seed)
+        self._reject_gen = torch.Generator(device=self.device).manual_seed(sc.seed + 29)
         self._timer = _OpTimer(self)
         self._rng = np.random.default_rng(sc.seed + 17)
         M, K = self.spec.num_moe_layers, self.spec.top_k
@@ -392,8 +567,16 @@ class RealExecutor:
             if p is None:
                 time.sleep(max(0.0, sched.next_arrival_s() - now))
                 continue
-            self._forward(p.phase, p.batch, step)
-            for r in sched.complete(p, time.perf_counter() - self._t0):
+            rnd = None
+            if p.phase == "decode" and self._speculating:   # the simulator's planning (not timed there either)
+                rnd = plan_round(self.spec_policy, self._sampler, p.batch, step, sc.speculation.k)
+            self._forward(p.phase, p.batch, step, rnd)
+            committed = None
+            if rnd is not None:
+                committed = rnd.committed([r.req.request_id for r in p.batch])
+                self.spec_policy.on_round_end(RoundResult(step, rnd.k, len(p.batch), sum(committed.values()),
+                                                          self._step_rows[-1]["duration_s"]))
+            for r in sched.complete(p, time.perf_counter() - self._t0, committed):
                 self._finish(r)
                 if bar is not None:
                     bar.update(1)
@@ -412,23 +595,42 @@ class RealExecutor:
         seq = self._seqs.pop(req.request_id, None)
         if seq is not None:
             self.kv.release(seq.slot)
+            if seq.dslot is not None:
+                self.dkv.release(seq.dslot)
+            self.token_ids[req.request_id] = seq.ids
+            self.token_origins[req.request_id] = seq.origins
+        if self._sampler is not None:
+            self._sampler.forget(req.request_id)
+            self._rejected.forget(req.request_id)
         self._just_finished.append(req.request_id)
 
     # ------------------------------------------------------------------ one pass
-    def _forward(self, phase: str, batch: list[RunningRequest], step: int) -> None:
+    def _forward(self, phase: str, batch: list[RunningRequest], step: int, rnd: Optional[Round] = None) -> None:
+        """One pass: prefill, decode, or (``rnd``) a speculation round: draft, verify, rejection
+        sampling, commit and roll back (module docstring)."""
         model, rt, spec, timer = self.model, self.rt, self.spec, self._timer
         t_start = time.perf_counter()
+        timer.reset()
         V = spec.vocab_size
         free = self.free_running
-        if phase == "decode":
+        if rnd is not None:
+            cfg = self.scenario.speculation
+            rows = np.concatenate([   # the simulator's routing and seeding of rejected positions
+                self._rejected.rows(r.req.experts, r.pos, d, a, cfg.rejected_routing, spec.num_experts,
+                                    r.req.request_id)
+                for r, d, a in zip(batch, rnd.drafts, rnd.accepted)])
+            tokens = None   # drafted below, after the step began (prefetches overlap drafting, as simulated)
+        elif phase == "decode":
             rows = None if free else np.stack([r.req.experts[r.pos] for r in batch])
             tokens = [[self._seqs[r.req.request_id].next_token] for r in batch]
         else:
             rows = None if free else np.concatenate([r.req.experts[: r.req.prompt_len] for r in batch])
             tokens = []
             for r in batch:
-                self._seqs[r.req.request_id] = _Seq(self.kv.allocate(), 0)
-                tokens.append(self._rng.integers(0, V, size=r.req.prompt_len).tolist())
+                prompt = self._rng.integers(0, V, size=r.req.prompt_len).tolist()
+                self._seqs[r.req.request_id] = _Seq(self.kv.allocate(), 0, ids=list(prompt),
+                                                    dslot=self.dkv.allocate() if self.dkv is not None else None)
+                tokens.append(prompt)
         slots = [self._seqs[r.req.request_id].slot for r in batch]
         if free:
             routing = None
@@ -442,15 +644,29 @@ class RealExecutor:
             self._pred_rows = (np.stack([r.req.predicted[r.pos] for r in batch]) if phase == "decode"
                                else np.concatenate([r.req.predicted[: r.req.prompt_len] for r in batch]))
         composition = tuple(r.req.request_id for r in batch)
-        timer.reset()
         self._step, self._active, self._ran = step, [], {}
         rt.begin_step(StepInfo(step, phase, composition, T, tuple(self._just_finished)))
         self._just_finished.clear()
+        if phase == "prefill" and self.draft is not None:   # the draft model prefills every prompt
+            with timer("draft", None, None):
+                self.draft.forward(tokens, self.dkv, [self._seqs[r.req.request_id].dslot for r in batch])
+        if rnd is not None:
+            with timer("draft", None, None):
+                tokens, q, drafted = self._draft_round(batch, rnd)
         out = model.forward(tokens, self.kv, slots, routing=routing, get_expert=self._get_expert,
-                            on_routed=self._on_routed, op_timer=timer)
-        nxt = out.logits.argmax(dim=-1).tolist()   # synchronises on CUDA
-        for r, tok in zip(batch, nxt):
-            self._seqs[r.req.request_id].next_token = int(tok)
+                            on_routed=self._on_routed, op_timer=timer, all_logits=rnd is not None)
+        if rnd is not None:
+            if any(rnd.drafts):   # real work, timed; its outcome is ignored (forced acceptance)
+                with timer("rejection_sampling", None, None):
+                    ops.rejection_sampling(out.logits, q, drafted, generator=self._reject_gen)
+            self._commit_round(batch, rnd, out.logits, drafted)
+        else:
+            nxt = out.logits.argmax(dim=-1).tolist()   # synchronises on CUDA
+            for r, tok in zip(batch, nxt):
+                seq = self._seqs[r.req.request_id]
+                seq.next_token = int(tok)
+                seq.ids.append(int(tok))
+                seq.origins.append("T")
         if free:
             self._record_free_routing(phase, batch, out.routing)
         c = rt.end_step(step)
@@ -477,7 +693,85 @@ class RealExecutor:
             "demand_loads": c.demand_loads, "host_runs": c.host_runs,
             "wasted_prefetch_bytes": c.wasted_prefetch_bytes,
             "active_experts_mean": sum(active) / len(active) if active else float("nan"),
-            "active_experts_per_layer": active})
+            "active_experts_per_layer": active,
+            **spec_columns(len(batch), rnd, timer.draft_s, timer.reject_s)})
+
+    # ------------------------------------------------------------------ speculation
+    def _draft_round(self, batch: list[RunningRequest], rnd: Round
+                     ) -> tuple[list[torch.Tensor], torch.Tensor, torch.Tensor]:
+        """Draft ``rnd.drafts[i]`` tokens for each request (module docstring). Returns the verify
+        pass's tokens per request (the last committed token, then the drafts), the drafter's
+        distributions ``q [T, V]`` and the draft tokens ``[T]`` laid out as the verify pass's rows
+        (request ``i``: ``drafts[i] + 1`` rows; a zero row and -1 at its bonus position)."""
+        dev, V = self.device, self.spec.vocab_size
+        drafts = rnd.drafts
+        sizes = [k + 1 for k in drafts]
+        offs = np.concatenate(([0], np.cumsum(sizes)[:-1])).tolist()
+        T = int(sum(sizes))
+        seqs = [self._seqs[r.req.request_id] for r in batch]
+        drafted = torch.full((T,), -1, dtype=torch.long, device=dev)
+        q = torch.zeros(T, V, dtype=torch.float32, device=dev)
+        kmax = max(drafts)
+        cfg = self.scenario.speculation
+        if self.draft is not None:
+            dkv = self.dkv
+            active = [i for i, k in enumerate(drafts) if k > 0]
+            if rnd.k == 0 and cfg.draft_keeps_running:   # as Drafter.round_s: K=0 (not: every request
+                active = list(range(len(batch)))         # at its end): one pass keeps the draft's KV current
+            # pass 0 feeds each request the committed tokens its draft cache lacks (the last one; also
+            # the last draft of a fully accepted round); pass j > 0 the previous pass's draft
+            inputs: list = [seqs[i].ids[dkv.lengths[seqs[i].dslot]:] for i in active]
+            j = 0
+            while active:
+                logits = self.draft.forward(inputs, dkv, [seqs[i].dslot for i in active]).logits
+                if kmax == 0:
+                    break
+                tok = logits.argmax(dim=-1)
+                rows = torch.tensor([offs[i] + j for i in active], dtype=torch.long, device=dev)
+                drafted.index_copy_(0, rows, tok)
+                q.index_copy_(0, rows, logits.float().softmax(dim=-1))
+                keep = [n for n, i in enumerate(active) if drafts[i] > j + 1]
+                active = [active[n] for n in keep]
+                if active:
+                    inputs = list(tok.index_select(0, torch.tensor(keep, dtype=torch.long, device=dev)).view(-1, 1))
+                j += 1
+        elif kmax > 0:   # ngram: prompt lookup on the host, one-hot draft distributions
+            rows, toks = [], []
+            for i, k in enumerate(drafts):
+                if k:
+                    rows.extend(range(offs[i], offs[i] + k))
+                    toks.extend(ngram_propose(seqs[i].ids, k))
+            rows_t = torch.tensor(rows, dtype=torch.long, device=dev)
+            toks_t = torch.tensor(toks, dtype=torch.long, device=dev)
+            drafted.index_copy_(0, rows_t, toks_t)
+            q.index_put_((rows_t, toks_t), torch.ones(len(rows), dtype=q.dtype, device=dev))
+        verify = torch.empty(T, dtype=torch.long, device=dev)
+        verify[1:] = drafted[:-1]
+        verify.index_copy_(0, torch.tensor(offs, dtype=torch.long, device=dev),
+                           torch.tensor([s.ids[-1] for s in seqs], dtype=torch.long, device=dev))
+        return list(verify.split(sizes)), q, drafted
+
+    def _commit_round(self, batch: list[RunningRequest], rnd: Round, logits: torch.Tensor,
+                      drafted: torch.Tensor) -> None:
+        """Commit each request's planned ``a`` drafts and the target's token after them (greedy over
+        the verify logits at that position); roll both KV caches back to the committed context."""
+        sizes = [k + 1 for k in rnd.drafts]
+        offs = np.concatenate(([0], np.cumsum(sizes)[:-1])).tolist()
+        sel = torch.tensor([o + a for o, a in zip(offs, rnd.accepted)], dtype=torch.long, device=logits.device)
+        nxt = logits.index_select(0, sel).argmax(dim=-1).tolist()   # synchronises on CUDA
+        dl = drafted.tolist() if any(rnd.accepted) else None
+        for i, r in enumerate(batch):
+            seq, a = self._seqs[r.req.request_id], rnd.accepted[i]
+            if a:
+                seq.ids.extend(dl[offs[i]:offs[i] + a])
+                seq.origins.extend("D" * a)
+            seq.next_token = int(nxt[i])
+            seq.ids.append(seq.next_token)
+            seq.origins.append("T")
+            keep = r.pos + a + 1   # the last committed token, then the accepted drafts
+            self.kv.truncate(seq.slot, keep)
+            if seq.dslot is not None:
+                self.dkv.truncate(seq.dslot, min(self.dkv.lengths[seq.dslot], keep))
 
     def _record_free_routing(self, phase: str, batch: list[RunningRequest], routing: dict) -> None:
         """Store the pass's router choices (token order: the batch's, prompts concatenated)."""

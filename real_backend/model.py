@@ -21,6 +21,9 @@ functions of ``real_backend.ops``, the same functions ``moesim-profile`` times:
 * **Weights**: random by default (seeded per tensor, normal with ``init_std``, norms = 1), or
   loaded from a local safetensors checkpoint directory with Hugging Face Mixtral names
   (``load_checkpoint``); ``save_checkpoint`` writes the model in the same naming.
+* **Dense models** (``num_experts: 0``, e.g. ``mini_draft``, a speculative-decoding drafter): every
+  layer is a dense FFN; there are no experts, no routers and no routing (``routing`` may be omitted
+  or empty, ``ForwardOutput.routing`` is empty).
 * **Devices**: ``device`` cpu or cuda (default: cuda if available), ``dtype`` float32 on CPU and
   bfloat16 on CUDA by default. Experts may live on another device (``expert_device``, e.g. the
   host); then ``get_expert`` must return device-resident copies.

@@ -26,6 +26,10 @@ CostModel method       function(s) here                 what it does
 ``copy_s``             ``copy_expert``                  an expert's weights into a device slot
 =====================  ===============================  ==========================================
 
+Speculative decoding adds ``rejection_sampling`` (``rejection_sampling_s``: the target's softmax
+over every verified position, the accept test against the drafter's probabilities, the residual
+distribution) and ``KVCache.truncate`` (the rollback of rejected positions; bookkeeping, no op).
+
 Weights are passed in, never owned: an expert runs from whatever ``w_gate_up [2I, H]`` and
 ``w_down [H, I]`` it is handed (``torch.nn.functional.linear`` layout, ``out x in``), which is how the
 offload runtime runs experts out of its device slots.
@@ -199,6 +203,15 @@ class KVCache:
     def advance(self, slots: Sequence[int], new_tokens: Sequence[int]) -> None:
         for s, n in zip(slots, new_tokens):
             self.lengths[s] += n
+
+    def truncate(self, slot: int, length: int) -> None:
+        """Roll sequence ``slot`` back to its first ``length`` cached tokens (speculative decoding
+        drops the KV entries of rejected drafts). Nothing is copied: the entries past ``length`` are
+        dead -- every pass masks each query's keys past its own position, and the next tokens of the
+        sequence are written over them before any query can attend to them."""
+        if not 0 <= length <= self.lengths[slot]:
+            raise ValueError(f"cannot roll slot {slot} back to {length} tokens: it holds {self.lengths[slot]}")
+        self.lengths[slot] = length
 
     @property
     def bytes(self) -> int:
@@ -427,6 +440,62 @@ def lm_head(h: torch.Tensor, last_index: Optional[torch.Tensor], w_norm: torch.T
     if last_index is not None:
         h = h.index_select(0, last_index)
     return F.linear(rms_norm(h, w_norm, eps), w_lm).float()
+
+
+# --------------------------------------------------------------------------- speculative decoding
+
+
+@dataclass
+class Rejection:
+    """What ``rejection_sampling`` computed, per verified position (row)."""
+
+    target_probs: torch.Tensor   # [T, V] softmax of the target's logits
+    accept: torch.Tensor         # [T] bool: the draft token at this row passes the test (False on bonus rows)
+    residual: torch.Tensor       # [T, V] distribution to sample the target's own token from at this row
+
+    def accepted(self, drafts: Sequence[int]) -> list[int]:
+        """Accepted drafts per request (the leading run of accepted rows), rows laid out as the
+        verify pass's: request ``i`` has ``drafts[i] + 1`` rows."""
+        acc = self.accept.tolist()
+        out, off = [], 0
+        for k in drafts:
+            a = 0
+            while a < k and acc[off + a]:
+                a += 1
+            out.append(a)
+            off += k + 1
+        return out
+
+
+def rejection_sampling(target_logits: torch.Tensor, draft_probs: torch.Tensor, draft_tokens: torch.Tensor,
+                       uniforms: Optional[torch.Tensor] = None,
+                       generator: Optional[torch.Generator] = None) -> Rejection:
+    """Speculative sampling's verification (Leviathan et al. 2023, Chen et al. 2023) over every
+    verified position of a round at once.
+
+    ``target_logits [T, V]``: the verify pass's logits, one row per verified position;
+    ``draft_probs [T, V]``: the drafter's distribution the draft token of that row was drawn from
+    (a zero row where no draft was proposed: a request's bonus position); ``draft_tokens [T]``: the
+    draft token verified at each row (< 0 on bonus rows). Row ``j`` accepts its draft token ``x``
+    with probability ``min(1, p(x) / q(x))`` (``u * q(x) <= p(x)``, ``u`` uniform in [0, 1));
+    its residual distribution ``norm(max(0, p - q))`` is where the target's own token is sampled
+    at the first rejected row (``p`` itself on bonus rows, and where ``p <= q`` everywhere).
+
+    Two vocabulary-wide passes, as ``hw.cost.Roofline.rejection_sampling_s`` models them: the
+    softmax, then the residual (reading ``p`` and ``q``)."""
+    p = target_logits.float().softmax(dim=-1)
+    T = p.shape[0]
+    if uniforms is None:
+        uniforms = torch.rand(T, generator=generator, device=p.device)
+    drafted = draft_tokens >= 0
+    idx = draft_tokens.clamp(min=0).unsqueeze(-1)
+    p_tok = p.gather(-1, idx).squeeze(-1)
+    q_tok = draft_probs.gather(-1, idx).squeeze(-1)
+    accept = drafted & (uniforms * q_tok <= p_tok)
+    residual = (p - draft_probs).clamp_(min=0.0)
+    norm = residual.sum(dim=-1, keepdim=True)
+    residual = torch.where(norm > 0, residual / norm.clamp(min=torch.finfo(residual.dtype).tiny), p)
+    return Rejection(p, accept, residual)
 
 
 # --------------------------------------------------------------------------- copies

@@ -24,12 +24,19 @@ on the cached values):
 * ``router`` (router + dispatch), ``shared_experts``, ``dense_ffn``, ``combine`` and ``embed``
   (per-pass bookkeeping + embedding lookup) vs the pass's tokens; ``lm_head`` (final norm + LM
   head) vs its sequences: pooled from the decode and prefill passes;
+* ``rejection_sampling`` vs ``tokens`` = verified positions (``ops.rejection_sampling`` on the
+  ``[tokens, vocab]`` logits of a verify-like pass of the model, timed right after that pass as the
+  executor runs it; speculative decoding's ``Table.rejection_sampling_s``), for every model;
 * ``op=expert, phase=contended``: expert passes while a copy thread moves expert-sized blocks
   back to back; ``phase=after_copy`` (CPU): each expert runs from a slot its weights were copied
   into just before (the copy leaves them in the CPU caches: what a demand-loaded expert sees in
   the executor). The table does not use these two; they quantify contention and cache effects;
 * ``host_expert`` (CUDA runs only): the expert on the host CPU, timed alone after evicting the
   host's caches (Fiddler-style host execution).
+
+A dense model (``num_experts: 0``, e.g. ``mini_draft``, a speculative-decoding drafter) has no
+expert, router or combine rows and no copy or host-run calibration: its tables are the attention
+grids, ``dense_ffn``, ``embed``, ``lm_head``, ``rejection_sampling`` and ``layer_overhead``.
 
 Each config runs ``warmup`` untimed passes, then passes until ``min_passes`` and a time budget are
 reached (at most ``max_passes``). A row keeps the median and the 10th/90th percentiles over all
@@ -39,10 +46,14 @@ samples of its key (one per layer per pass for per-layer ops; ``repeats`` counts
 synthetic requests with uniform routing, LRU; not any scenario that gets validated):
 
 * ``layer_overhead`` vs the pass's tokens: with every expert resident (no copies), a pass's wall
-  time not spent in any op -- Python between ops, op timers, scheduling, policy calls, runtime
-  bookkeeping, sampling -- per layer; decode passes of ``overhead_batches`` sequences and the
-  prefill passes before them (``OVERHEAD_PROMPT`` tokens per sequence). ``Table`` adds it to each
-  layer's attention block so that the simulator's sum of ops adds up to an executor pass.
+  time beyond what the op tables above say its ops take -- Python between ops, op timers,
+  scheduling, policy calls, runtime bookkeeping, sampling, and ops running slower inside the
+  executor than in the op passes (a larger working set: host store plus slot pool) -- per layer;
+  decode passes of ``overhead_batches`` sequences and the prefill passes before them
+  (``OVERHEAD_PROMPT`` tokens per sequence). The ops' share comes from simulating the same
+  requests with the tables measured so far (``hw.table.Table`` over the rows in memory), pass by
+  pass. ``Table`` adds it to each layer's attention block so that the simulator's sum of ops adds
+  up to an executor pass. It is a residual, so it can be negative (ops faster in the executor).
 * ``copy_overhead`` (``bytes`` = the expert's size): what one expert copy costs the compute thread
   besides waiting for it -- submitting and landing the copy, waking the copy worker, the caches
   its bytes pollute. Measured as pairs of runs of one scenario (batch 1, 4 requests of 16 + 16
@@ -51,6 +62,10 @@ synthetic requests with uniform routing, LRU; not any scenario that gets validat
   expert copies per pass; the median over ``overhead_pairs`` pairs (p10/p90 keep the spread).
   Measured here: 0.15-0.3 ms per copy for mini_mixtral and mini_qwen alike (so mostly per-copy
   Python and wake-ups, not bytes).
+* ``host_run_overhead`` (CPU): what running a missed expert on the host (Fiddler; on CPU the host
+  is the device) costs beyond running it from a slot -- gathering its tokens, the cold weights of
+  the host store. Pairs of runs of the same scenario, every expert resident vs half of them with
+  ``policy/prefetch=fiddler``: (decode-pass time, fiddler - resident) / host runs per pass.
 * ``copy_launch`` (device-level, from the same offloaded runs' copy records): from a copy's
   submission to an idle copy worker to its first byte (``phase=idle``: the worker's wake-up, ~0.1
   ms here) and from one copy's end to the next queued one's start (``phase=busy``, ~30 us);
@@ -142,6 +157,7 @@ class Sweep:
     copy_pool_bytes: float                 # copies rotate through this many bytes of buffers
     overhead_batches: tuple[int, ...]      # executor runs (every expert resident): decode batch sizes
     overhead_pairs: int                    # resident/offloaded executor run pairs for copy_overhead
+    reject_tokens: tuple[int, ...] = (1, 2, 4, 8, 16, 32, 64)   # rejection sampling: verified positions
 
 
 FULL = Sweep(
@@ -170,7 +186,7 @@ QUICK = Sweep(
     warmup=1, min_passes=2, max_passes=2, pass_budget_s=0.0,
     min_repeats=3, max_repeats=15, budget_s=0.03,
     kv_budget_bytes=0.5e9, copy_pool_bytes=64 * MB,
-    overhead_batches=(1, 8), overhead_pairs=1)
+    overhead_batches=(1, 8), overhead_pairs=1, reject_tokens=(1, 8, 64))
 
 
 # --------------------------------------------------------------------------- timing
@@ -320,7 +336,7 @@ def truncated(spec: ModelSpec, max_layers: Optional[int]) -> ModelSpec:
     if max_layers is None or max_layers >= spec.num_layers:
         return spec
     dense = tuple(d for d in spec.dense_layers if d < max_layers)
-    if len(dense) >= max_layers:
+    if len(dense) >= max_layers and not spec.is_dense:
         raise ConfigError(f"--max-layers={max_layers} keeps no MoE layer of model={spec.name} "
                           f"(dense layers {list(spec.dense_layers)}); use a larger value")
     return replace(spec, num_layers=max_layers, dense_layers=dense)
@@ -425,27 +441,28 @@ class _Profiler:
             del cache
         self.log(f"{name}: decode passes in {time.perf_counter() - t0:.1f} s")
         t1 = time.perf_counter()
-        # Expert curve, and the same passes under copy contention / right after each expert's copy.
-        cache = model.new_cache(1, max(sw.expert_tokens))
-        for n in sw.expert_tokens:
-            run("expert", cache, [0], 0, n, concentrated, experts_only)
-        nbytes = model.expert_nbytes
-        src, dst = self._buffers(nbytes)
-        with _Background(self._copier(src, dst), "profile-copy"):
-            for n in sw.extra_expert_tokens:
-                run("expert", cache, [0], 0, n, concentrated, experts_only, expert_phase="contended")
-        del src, dst
-        if self.device.type == "cpu":
-            slot = ExpertWeights(*(torch.empty_like(t) for t in model.experts[next(iter(model.experts))].tensors))
+        if model.experts:   # a dense model has no expert curve (nor copies of experts)
+            # Expert curve, and the same passes under copy contention / right after each expert's copy.
+            cache = model.new_cache(1, max(sw.expert_tokens))
+            for n in sw.expert_tokens:
+                run("expert", cache, [0], 0, n, concentrated, experts_only)
+            nbytes = model.expert_nbytes
+            src, dst = self._buffers(nbytes)
+            with _Background(self._copier(src, dst), "profile-copy"):
+                for n in sw.extra_expert_tokens:
+                    run("expert", cache, [0], 0, n, concentrated, experts_only, expert_phase="contended")
+            del src, dst
+            if self.device.type == "cpu":
+                slot = ExpertWeights(*(torch.empty_like(t) for t in model.experts[next(iter(model.experts))].tensors))
 
-            def copy_in(layer: int, e: int):
-                ops.copy_expert(slot.tensors, model.experts[(layer, e)].tensors)
-                return slot.tensors
+                def copy_in(layer: int, e: int):
+                    ops.copy_expert(slot.tensors, model.experts[(layer, e)].tensors)
+                    return slot.tensors
 
-            for n in sw.extra_expert_tokens:
-                run("expert", cache, [0], 0, n, concentrated, experts_only, expert_phase="after_copy",
-                    get_expert=copy_in)
-        del cache
+                for n in sw.extra_expert_tokens:
+                    run("expert", cache, [0], 0, n, concentrated, experts_only, expert_phase="after_copy",
+                        get_expert=copy_in)
+            del cache
         # Prefill grid.
         for s in sw.prefill_seqs:
             lens = [t for t in sw.prefill_lens if s * t <= sw.prefill_max_tokens]
@@ -470,11 +487,45 @@ class _Profiler:
                 self.add(name, op, r, tokens=key[1], batch=key[1])
             else:
                 self.add(name, op, r, tokens=key[1])
+        self.rejection_sampling(spec, model, uniform)
         return model
+
+    def rejection_sampling(self, spec: ModelSpec, model: MoEModel, routing: Callable[[int], dict]) -> None:
+        """``rejection_sampling`` rows: ``ops.rejection_sampling`` over ``tokens`` verified positions
+        of ``spec``'s vocabulary, each timed right after a verify-like forward pass of the model (one
+        sequence of ``tokens`` new tokens, every position's logits, uniform routing) whose logits it
+        reads, as the executor runs it: after the target's pass, not cache-hot in a loop (timed in a
+        loop it ran 3x faster than in the executor on this CPU). The draft distributions are written
+        before the pass, as drafting does; every position drafted (the op's work does not depend on
+        how many are bonus rows)."""
+        sw, V, dev = self.sweep, spec.vocab_size, self.device
+        clock = Clock(dev)
+        cache = model.new_cache(1, max(sw.reject_tokens) + 1)
+        gen = torch.Generator(device=dev).manual_seed(self.seed)
+        for n in sw.reject_tokens:
+            samples: list[float] = []
+            t_cfg = time.perf_counter()
+            done = 0
+            while True:
+                q = torch.randn(n, V, generator=self.gen).softmax(dim=-1).to(dev)
+                drafted = torch.randint(0, V, (n,), generator=self.gen).to(dev)
+                cache.lengths[0] = 0
+                with torch.inference_mode():
+                    logits = model.forward([[1] * n], cache, [0], routing=routing(n), all_logits=True).logits
+                    ops.synchronize(dev)
+                    dt = clock.time(lambda: ops.rejection_sampling(logits, q, drafted, generator=gen))
+                done += 1
+                if done <= sw.warmup:
+                    continue
+                samples.append(dt)
+                if len(samples) >= sw.max_passes or (len(samples) >= sw.min_passes
+                                                     and time.perf_counter() - t_cfg >= sw.pass_budget_s):
+                    break
+            self.add(spec.name, "rejection_sampling", _summary(samples), tokens=n)
 
     def executor_overheads(self, spec: ModelSpec) -> None:
         """``layer_overhead`` and ``copy_overhead`` rows from runs of the real executor (module
-        docstring)."""
+        docstring); a dense model gets ``layer_overhead`` only (no experts: no copies, no host runs)."""
         from dataclasses import replace as _replace
 
         from sim.config import compose_scenario
@@ -485,17 +536,18 @@ class _Profiler:
         t0 = time.perf_counter()
         cap_bps = CALIBRATION_LINK_BPS if self.device.type == "cpu" else 1e12
 
-        def scenario(batch: int, requests: int, output_len: int, capacity: int):
+        def scenario(batch: int, requests: int, output_len: int, capacity: int, policy: str = "lru"):
             # The executor never asks the cost model, and the tables are what is being written:
             # the roofline stands in so that no profile_dir needs to exist yet (fresh clones).
             sc = compose_scenario(["hw=this_cpu", "hw.cost_model=roofline", f"workload.batch_size={batch}",
                                    f"workload.num_requests={requests}", f"workload.prompt_len={OVERHEAD_PROMPT}",
                                    f"workload.output_len={output_len}", "workload.routing=uniform",
-                                   "workload.lookahead_accuracy=null", "policy/prefetch=lru",
-                                   f"policy.prefetch.capacity_per_layer={capacity}",
+                                   "workload.lookahead_accuracy=null", f"policy/prefetch={policy}",
                                    f"hw.host_link.bandwidth_bps={cap_bps}", "sim.progress=false",
                                    f"seed={self.seed}"])
-            return _replace(sc, model=spec)
+            if spec.is_dense:   # no experts: no cache to size
+                return _replace(sc, model=spec)
+            return _replace(sc, model=spec, prefetch=_replace(sc.prefetch, capacity_per_layer=capacity))
 
         model, store = build_model_and_store(scenario(1, 1, 2, E), self.device, self.dtype)
 
@@ -512,20 +564,53 @@ class _Profiler:
                 prev_end = r.end_s
             return steps
 
+        # The rest is measured against what the tables measured so far say the pass's ops take
+        # (not against the executor's own op timers): ops run slower inside the executor than in
+        # the op passes above (a larger working set: host store plus slot pool, Python between
+        # ops), and the simulator, which only knows the tables, must be charged that too.
+        from hw.table import Table
+        from sim.engine import Engine
+        from workloads.requests import build_requests
+
+        partial = pd.DataFrame(self.rows, columns=PROFILE_COLUMNS)
+        partial = partial[partial["model"] == spec.name].copy()
+        for c in ("model", "op", "phase"):
+            partial[c] = partial[c].fillna("").astype(str)
+        ops_table = Table("(profiling)", loaded=({"device": self.device.type,
+                                                   "models": {spec.name: model_signature(spec)}}, partial))
         samples: dict[int, list[float]] = {}
         for b in sw.overhead_batches:
-            steps = run(scenario(b, 2 * b, 6, E))
-            ops_s = steps[["attention_s", "expert_compute_s", "other_compute_s", "host_expert_s"]].sum(axis=1)
-            rest = (steps["duration_s"] - ops_s - steps["copy_stall_s"]).clip(lower=0.0) / L
+            sc = scenario(b, 2 * b, 6, E)
+            steps = run(sc)
+            sim = Engine(sc, build_requests(sc.workload, sc.model, sc.seed), cost=ops_table,
+                         progress=False).run().steps
+            if len(sim) != len(steps):
+                raise RuntimeError(f"calibration: the simulator ran {len(sim)} passes, the executor {len(steps)}")
+            ops_s = sim[["attention_s", "expert_compute_s", "other_compute_s", "host_expert_s"]].sum(axis=1)
+            # Not clipped: where ops run faster inside the executor than in the op passes (large
+            # prefill passes), the residual is negative and corrects the tables the other way.
+            rest = (steps["duration_s"] - ops_s.to_numpy() - steps["copy_stall_s"]) / L
             for T, v in zip(steps["tokens"], rest):
                 samples.setdefault(int(T), []).append(float(v))
         for T, vals in sorted(samples.items()):
             self.add(spec.name, "layer_overhead", _summary(vals), tokens=T)
+        if spec.is_dense:
+            self.log(f"{spec.name}: executor overheads in {time.perf_counter() - t0:.1f} s (dense: no copies)")
+            return
 
         per_copy: list[float] = []
+        per_host_run: list[float] = []
         resident, offloaded = scenario(1, 4, 17, E), scenario(1, 4, 17, max(1, E // 2))
+        host_run = scenario(1, 4, 17, max(1, E // 2), "fiddler") if self.device.type == "cpu" else None
         for _ in range(sw.overhead_pairs):
             res, off = run(resident), run(offloaded)
+            if host_run is not None:
+                fid = run(host_run)
+                fid = fid[fid["phase"] == "decode"]
+                runs = float(fid["host_runs"].mean())
+                if runs > 0:
+                    per_host_run.append(float((fid["duration_s"] - fid["copy_stall_s"]).mean()
+                                              - (res[res["phase"] == "decode"]["duration_s"]).mean()) / runs)
             res, off = res[res["phase"] == "decode"], off[off["phase"] == "decode"]
             copies = float(((off["demand_bytes"] + off["prefetch_bytes"]) / store.expert_bytes).mean())
             if copies <= 0:
@@ -535,6 +620,8 @@ class _Profiler:
             per_copy.append(float(extra) / copies)
         if per_copy:
             self.add(spec.name, "copy_overhead", _summary(per_copy), tokens=1, batch=1, nbytes=int(store.expert_bytes))
+        if per_host_run:
+            self.add(spec.name, "host_run_overhead", _summary(per_host_run), tokens=1, batch=1)
         for k, vals in launch.items():
             self._launch_samples.setdefault(k, []).extend(vals)
         self.log(f"{spec.name}: executor overheads in {time.perf_counter() - t0:.1f} s"
@@ -665,11 +752,12 @@ def run_profile(models: Sequence[str | ModelSpec], device: Optional[str] = None,
         sizes = set(sweep.copy_bytes)
         for spec in specs:
             model = prof.model_ops(spec)
-            prof.executor_overheads(spec)
-            sizes.add(int(model.expert_nbytes))
-            if dev.type == "cuda":
+            if dev.type == "cuda" and not spec.is_dense:
                 prof.host_expert(spec)
-            if first_pool is None:
+            prof.executor_overheads(spec)   # after every op table it simulates with
+            if model.experts:
+                sizes.add(int(model.expert_nbytes))
+            if first_pool is None and model.experts:
                 first_pool = [model.experts[k] for k in sorted(model.experts)]
             del model
         t0 = time.perf_counter()

@@ -22,6 +22,13 @@ directory when it holds the model, else a ``moesim-profile --quick`` profile cac
   and the error ``(sim - real) / real`` in %; then the per-iteration relative error of
   ``duration_s`` (passes matched by step index, real = median over repeats): ``iter_abs_err_mean``,
   ``iter_abs_err_p50``, ``iter_abs_err_p99`` (of |error|) and ``iter_err_mean`` (signed), in %.
+  Speculative decoding (``policy/speculation=static|cascade``, ``drafter=model|ngram``) adds
+  ``decode_tokens`` (committed by decode passes), ``draft_tokens``, ``accepted_tokens``,
+  ``spec_rounds``, ``acceptance_rate``, ``committed_tokens_per_round`` (which must agree exactly:
+  both engines plan the same rounds, as they route the same tokens; with ``cascade`` K follows
+  each engine's own measured times, so they may not), ``verify_step_s``, ``draft_round_s`` and
+  ``reject_round_s`` (``sim.metrics``). The cost tables must then also hold the draft model
+  (``moesim-profile --models ...,mini_draft``).
 * ``scatter.png``: simulated vs real per-iteration time.
 * ``sim_timeline.json``, ``real_timeline.json``: Chrome traces (the real one of the median run).
 * ``sim/`` and ``real/``: ``summary.json``, ``steps.parquet``, ``requests.parquet`` of each engine
@@ -80,6 +87,10 @@ DEFAULT_OVERRIDES = ("hw=this_cpu", "model=mini_mixtral", "workload.num_requests
                      "workload.output_len=17", "hw.host_link.bandwidth_bps=2e9")
 CAPACITY_KEYS = ("policy.prefetch.capacity_per_layer", "hw.gpu.memory_bytes", "hw/gpu", "hw")
 METRICS = ("tpot_s", "ttft_s", "throughput_tok_s", "decode_step_s", "copy_stall_s", "h2d_bytes", "expert_hit_rate")
+SPEC_METRICS = ("decode_tokens", "draft_tokens", "accepted_tokens", "spec_rounds", "acceptance_rate",
+                "committed_tokens_per_round", "verify_step_s", "draft_round_s", "reject_round_s")
+TIME_METRICS = ("tpot_s", "ttft_s", "decode_step_s", "copy_stall_s", "verify_step_s", "draft_round_s",
+                "reject_round_s")
 POLICY_KEY = "policy/prefetch"
 
 
@@ -95,7 +106,8 @@ def with_defaults(overrides: Sequence[str]) -> list[str]:
     out = [d for d in DEFAULT_OVERRIDES if _key(d) not in keys] + list(overrides)
     if not keys & set(CAPACITY_KEYS):
         spec = _compose(out + ["sim.progress=false", "++hw.cost_model=roofline"]).model   # tables may not exist yet
-        out.append(f"policy.prefetch.capacity_per_layer={max(1, spec.num_experts // 2)}")
+        if spec.num_experts:   # a dense model has no experts to cache
+            out.append(f"policy.prefetch.capacity_per_layer={max(1, spec.num_experts // 2)}")
     return out
 
 
@@ -130,7 +142,8 @@ def resolve_profile_dir(scenarios, profile_dir: Optional[str | Path], device: st
     """The directory of cost tables for every scenario's model: ``profile_dir`` if given (it must
     hold them), else the scenarios' ``hw.profile_dir`` if it holds them, else a quick profile
     in the cache directory (profiled now for the models it lacks)."""
-    models = sorted({sc.model.name for sc in scenarios})
+    models = sorted({sc.model.name for sc in scenarios}
+                    | {sc.draft_model.name for sc in scenarios if getattr(sc, "draft_model", None) is not None})
     if profile_dir is not None:
         d = Path(profile_dir)
         missing = [m for m in models if not _profiled(d, m)]
@@ -171,9 +184,19 @@ def per_iteration(sim_steps: pd.DataFrame, real_runs: Sequence[pd.DataFrame]) ->
     return df.reset_index()
 
 
-def comparison_table(sim_summary: dict, real_summaries: Sequence[dict], iters: pd.DataFrame) -> pd.DataFrame:
+def with_spec_totals(summary: dict, steps: pd.DataFrame) -> dict:
+    """``summary`` plus the run's ``draft_tokens`` and ``accepted_tokens`` totals (from its steps)."""
+    out = dict(summary)
+    for c in ("draft_tokens", "accepted_tokens"):
+        if c in steps:
+            out[c] = float(steps[c].sum())
+    return out
+
+
+def comparison_table(sim_summary: dict, real_summaries: Sequence[dict], iters: pd.DataFrame,
+                     metrics: Sequence[str] = METRICS) -> pd.DataFrame:
     rows = []
-    for m in METRICS:
+    for m in metrics:
         s = _num(sim_summary.get(m))
         vals = [_num(r.get(m)) for r in real_summaries]
         finite = [v for v in vals if not math.isnan(v)]
@@ -199,7 +222,7 @@ def format_table(df: pd.DataFrame) -> str:
     def f(v, metric=""):
         if v is None or (isinstance(v, float) and math.isnan(v)):
             return "-"
-        if metric in ("tpot_s", "ttft_s", "decode_step_s", "copy_stall_s"):
+        if metric in TIME_METRICS:
             return f"{v * 1e3:.3f} ms"
         if metric == "throughput_tok_s":
             return f"{v:.1f} tok/s"
@@ -247,6 +270,23 @@ class _Models:
     def __init__(self):
         self.key = None
         self.value = None
+
+    def draft(self, scenario, device, dtype):
+        """The scenario's draft model (``drafter=model``), kept across repeats and cells."""
+        from .executor import build_draft_model
+        from hw.table import model_signature
+
+        d = scenario.draft_model if scenario.speculation.name != "none" and scenario.speculation.drafter == "model" \
+            else None
+        if d is None:
+            return None
+        key = (json.dumps(model_signature(d), sort_keys=True, default=str), d.num_layers, scenario.seed,
+               str(device), str(dtype))
+        if key != getattr(self, "draft_key", None):
+            self.draft_key, self.draft_value = None, None
+            self.draft_value = build_draft_model(scenario, device, dtype)
+            self.draft_key = key
+        return self.draft_value
 
     def get(self, scenario, device, checkpoint=None):
         from .executor import build_model_and_store
@@ -297,6 +337,9 @@ def validate(overrides: Sequence[str] = (), repeats: int = 3, profile_dir: Optio
     scenario = _compose(ov + ["sim.progress=false", "++hw.cost_model=roofline"])
     if free_running:
         check_free_running(scenario)
+    from .executor import check_speculation
+
+    check_speculation(scenario, free_running)
     dev_type = device or "cpu"
     pdir = _resolved_profile or resolve_profile_dir([scenario], profile_dir, dev_type, log)
     sim_scenario = _compose(ov + ["sim.progress=false", "sim.timeline=true", "++hw.cost_model=table",
@@ -315,12 +358,13 @@ def validate(overrides: Sequence[str] = (), repeats: int = 3, profile_dir: Optio
 
     sim = None if free_running else run_sim(requests)
     model, store = _MODELS.get(scenario, device, checkpoint)
+    draft = _MODELS.draft(scenario, device, model.dtype)
     reals, chosen = [], None
     for i in range(repeats):
         t0 = time.perf_counter()
         tp = out / f"torch_profile_{i}.json" if torch_profile else None
         ex = RealExecutor(scenario, requests, model=model, store=store, cost=cost, timeline=True,
-                          torch_profile=tp, free_running=free_running)
+                          torch_profile=tp, free_running=free_running, draft=draft)
         res = ex.run()
         reals.append(res)
         log(f"real run {i + 1}/{repeats}: TPOT {_num(res.summary['tpot_s']) * 1e3:.3f} ms "
@@ -340,7 +384,9 @@ def validate(overrides: Sequence[str] = (), repeats: int = 3, profile_dir: Optio
                     TraceMeta.for_model(scenario.model, f"{PROG} --free-running (real_backend.executor)"))
         sim = run_sim(chosen)
     iters = per_iteration(sim.steps, [r.steps for r in reals])
-    table = comparison_table(sim.summary, [r.summary for r in reals], iters)
+    metrics = METRICS + (SPEC_METRICS if scenario.speculation.name != "none" else ())
+    table = comparison_table(with_spec_totals(sim.summary, sim.steps),
+                             [with_spec_totals(r.summary, r.steps) for r in reals], iters, metrics)
     med = reals[_median_index([r.summary["tpot_s"] for r in reals])]
     out.mkdir(parents=True, exist_ok=True)
     table.to_csv(out / "comparison.csv", index=False)
@@ -403,6 +449,12 @@ def run_sweep(fixed: Sequence[str], axes: Sequence[str], repeats: int, profile_d
     axes_keys = [a.split("=", 1)[0] for a in axes]
     scenarios = [_compose(with_defaults(list(fixed) + c) + ["sim.progress=false", "++hw.cost_model=roofline"])
                  for c in cells]  # all checked first (no cost tables needed for that)
+    from .executor import check_speculation
+
+    for sc in scenarios:
+        if free_running:
+            check_free_running(sc)
+        check_speculation(sc, free_running)
     pdir = resolve_profile_dir(scenarios, profile_dir, device or "cpu", log)
     rows = []
     for i, cell in enumerate(cells):

@@ -80,6 +80,17 @@ def summary_table(s: dict) -> str:
          f" (wasted {_fmt(s['wasted_prefetch_bytes'], 1e-9, ' GB', 2)})"),
         ("experts run on host", str(s["host_runs"])),
         ("mean active experts", _fmt(s["mean_active_experts"], 1, "", 2)),
+    ]
+    if s.get("speculation", "none") != "none":
+        rows += [
+            ("speculation", f"{s['speculation']} (k={s.get('spec_k')}, drafter={s.get('drafter')}"
+             + (f" {s['draft_model']}" if s.get("draft_model") else "") + ")"),
+            ("acceptance rate", _fmt(s.get("acceptance_rate"), 100, " %", 1)),
+            ("tokens per round (ETR)", _fmt(s.get("committed_tokens_per_round"), 1, "", 2)),
+            ("speedup / TE / utility", f"{_fmt(s.get('speedup'), 1, 'x', 2)} / {_fmt(s.get('target_efficiency'), 1, '', 2)}"
+             f" / {_fmt(s.get('spec_utility'), 1, '', 2)} (baseline TPOT {_fmt(s.get('baseline_tpot_s'), 1e3, ' ms')})"),
+        ]
+    rows += [
         ("simulated time", _fmt(s["simulated_time_s"], 1, " s")),
         ("simulation wall time", _fmt(s["sim_wall_s"], 1, " s", 2) + f" ({s['events']} events)"),
     ]

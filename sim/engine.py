@@ -32,12 +32,18 @@ What runs, in simulated time:
   a stream blocked on a copy resumes ``cost.copy_resume_s`` after it lands (counted as stall): the
   real executor's thread wake-ups, measured by ``moesim-profile``; 0 for the roofline.
 
+* **Speculative decoding** (``policy/speculation``, ``sim/speculation.py``): a decode pass becomes
+  a round: the drafter's passes, one verify pass of ``k_r + 1`` positions per request (its MoE
+  layers fetch each missing expert once for the whole round), rejection sampling, then the
+  accepted tokens are committed and the rest rolled back. The policy picks K per round.
+
 Events are spent only where something can wait: one timeout per MoE layer (up to its router),
 plus a wait and a timeout per missing expert; everything else is summed analytically.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import heapq
 import sys
 import time
@@ -51,7 +57,8 @@ import simpy
 from hw.cost import BatchShape, CostModel
 from hw.devices import LinkSpec
 from hw.system import HOST, System, gpu_node
-from hw.table import cost_model_for
+from hw.parallel import cost_for_system
+from workloads.acceptance import AcceptanceSampler
 from workloads.model import ModelSpec
 from workloads.requests import Request
 from workloads.validation import ConfigError
@@ -61,8 +68,11 @@ from .memory import ExpertCache, MemoryBudget, default_activation_bytes, plan_me
 from .metrics import summarize
 from .policies.base import (PolicyContext, Prefetch, PrefetchConfig, PrefetchPolicy, RunOnHost, StepInfo,
                             prefetch_policy_class)
+from .policies.speculation import RoundResult, SpecContext, SpeculationPolicy, speculation_policy_class
 from .scenario import Scenario
 from .scheduler import BatchScheduler, RunningRequest
+from .speculation import (Drafter, RejectedRouting, Round, decode_shape, plan_round, spec_columns, verify_shape,
+                          without_speculation)
 
 DEMAND_PRIORITY = 0
 PREFETCH_PRIORITY_BASE = 1
@@ -155,13 +165,24 @@ class Engine:
 
     def __init__(self, scenario: Scenario, requests: list[Request], cost: Optional[CostModel] = None,
                  policy: Optional[PrefetchPolicy] = None, progress: Optional[bool] = None,
-                 record_routing: bool = False):
+                 record_routing: bool = False, speculation: Optional[SpeculationPolicy] = None):
         self.scenario = scenario
         self.model: ModelSpec = scenario.model
         self.requests = sorted(requests, key=lambda r: r.arrival_s)  # stable: ties keep the given (trace) order
         self.system = System(scenario.hw)
-        self.cost: CostModel = cost or cost_model_for(scenario.hw, self.model)
+        tp = scenario.hw.tensor_parallel
+        self.cost: CostModel = cost or cost_for_system(scenario.hw, self.model)
+        self.gpu_model = self.model.tensor_shard(tp)   # one GPU's part (the model itself when tp == 1)
         self.policy = policy or prefetch_policy_class(scenario.prefetch.name)(scenario.prefetch)
+        spec_cfg = scenario.speculation
+        self.spec_policy: SpeculationPolicy = speculation or speculation_policy_class(spec_cfg.name)(spec_cfg)
+        self._speculating = spec_cfg.name != "none"
+        # The drafter runs unsharded on the model's first GPU (vLLM's speculative_draft_tensor_parallel_size=1:
+        # a 0.5B draft gains nothing from TP, and its head count need not divide by it).
+        draft_cost = getattr(self.cost, "inner", self.cost) if tp > 1 else self.cost
+        self.drafter: Optional[Drafter] = (Drafter.build(spec_cfg, self.model, scenario.draft_model, draft_cost,
+                                                         scenario.sim.pass_overhead_s)
+                                           if self._speculating else None)
         wl = scenario.workload
         longest = max((r.prompt_len + r.output_len for r in self.requests), default=0)
         kv_tokens = scenario.sim.kv_cache_tokens
@@ -169,11 +190,19 @@ class Engine:
             kv_tokens = min(wl.batch_size, max(len(self.requests), 1)) * longest
         act = scenario.sim.activation_bytes
         if act is None:
-            act = default_activation_bytes(self.model, wl.max_prefill_tokens)
+            act = default_activation_bytes(self.model, wl.max_prefill_tokens, tp)
         gpu = scenario.hw.gpu
-        self.memory = plan_memory(self.model, gpu.memory_bytes, gpu.reserved_bytes, kv_tokens, act,
+        reserved = gpu.reserved_bytes
+        if self.drafter is not None:  # the drafter's weights and KV cache live beside the target's
+            reserved += self.drafter.resident_bytes + kv_tokens * self.drafter.kv_bytes_per_token
+        self.memory = plan_memory(self.model, gpu.memory_bytes, reserved, kv_tokens, act,
                                   scenario.prefetch.cache_scope, scenario.prefetch.capacity_per_layer,
-                                  scenario.hw.name)
+                                  scenario.hw.name, tensor_parallel=tp)
+        if self.drafter is not None and spec_cfg.drafter == "self":   # SpecMoE drafts through the cache
+            per_layer = self.memory.slots_per_layer
+            if per_layer is None:
+                per_layer = self.memory.total_slots // max(1, self.model.num_moe_layers)
+            self.drafter.resident_experts_per_layer = max(self.model.top_k, per_layer)
         if self.policy.uses_predictions and any(r.predicted is None for r in self.requests):
             raise ConfigError(
                 f"policy/prefetch={scenario.prefetch.name} needs predicted_experts in the router trace "
@@ -208,9 +237,12 @@ class Engine:
         initial = self.cache.initial_fill(self.model) if sc.sim.initial_residency == "fill" else []
         self.policy.reset(PolicyContext(self.model, self.memory.cache_scope, self.memory.slots_per_layer,
                                         self.memory.total_slots, tuple(initial), sc.seed,
-                                        host_crossover_tokens(self.cost, self.model, links[h2d_id])))
+                                        host_crossover_tokens(self.cost, self.gpu_model, links[h2d_id])))
         if self.future is not None:
             self.policy.set_future(self.future)
+        self.spec_policy.reset(SpecContext(self.model, sc.speculation.k, sc.seed))
+        self._sampler = AcceptanceSampler(sc.speculation, sc.seed) if self._speculating else None
+        self._rejected = RejectedRouting(sc.seed)
         self._use_predictions = self.policy.uses_predictions
         self._substitutes = self.policy.substitutes
         self._just_finished: list[int] = []
@@ -248,6 +280,7 @@ class Engine:
         summary["copy_engine_busy_s"] = self.copier.busy_s
         summary["host_cpu_busy_s"] = self.host.busy_s
         summary.update(self.policy.report())
+        summary.update(self.spec_policy.report())
         if self.future is not None:
             summary["future_passes_overridden"] = self.future.overridden
         summary["expert_slots"] = self.memory.total_slots
@@ -266,8 +299,15 @@ class Engine:
             if p is None:
                 yield env.timeout(sched.next_arrival_s() - env.now)
                 continue
-            yield from self._forward(p.phase, p.batch, step)
-            for r in sched.complete(p, env.now):
+            rnd = self._plan_round(p.batch, step) if p.phase == "decode" and self._speculating else None
+            t0 = env.now
+            yield from self._forward(p.phase, p.batch, step, rnd)
+            committed = None
+            if rnd is not None:
+                committed = rnd.committed([r.req.request_id for r in p.batch])
+                self.spec_policy.on_round_end(RoundResult(step, rnd.k, len(p.batch), sum(committed.values()),
+                                                          env.now - t0))
+            for r in sched.complete(p, env.now, committed):
                 self._finish(r)
             step += 1
 
@@ -280,6 +320,9 @@ class Engine:
             "output_len": req.output_len, "first_token_s": r.first_token_s, "finish_s": now,
             "ttft_s": r.first_token_s - req.arrival_s, "tpot_s": tpot})
         self._just_finished.append(req.request_id)
+        if self._sampler is not None:
+            self._sampler.forget(req.request_id)
+            self._rejected.forget(req.request_id)
         if self._bar is not None:
             self._bar.update(1)
 
@@ -304,18 +347,34 @@ class Engine:
             t = self._expert_s[tokens] = self.cost.expert_s(self.model, tokens)
         return t
 
-    def _forward(self, phase: str, batch: list[RunningRequest], step: int):
+    def _plan_round(self, batch: list[RunningRequest], step: int) -> Round:
+        return plan_round(self.spec_policy, self._sampler, batch, step, self.scenario.speculation.k)
+
+    def _forward(self, phase: str, batch: list[RunningRequest], step: int, rnd: Optional[Round] = None):
         env, model, cost, cache, policy = self.env, self.model, self.cost, self.cache, self.policy
         start = env.now
-        if phase == "decode":
+        draft_s = reject_s = 0.0
+        lm_positions = len(batch)
+        if rnd is not None:
+            cfg = self.scenario.speculation
+            positions = [r.pos for r in batch]
+            rows = np.concatenate([self._rejected.rows(r.req.experts, r.pos, d, a, cfg.rejected_routing,
+                                                       model.num_experts, r.req.request_id)
+                                   for r, d, a in zip(batch, rnd.drafts, rnd.accepted)])
+            shape = verify_shape(positions, rnd.drafts)
+            lm_positions = shape.tokens
+            draft_s = self.drafter.round_s(positions, rnd.drafts, rnd.k)
+            reject_s = cost.rejection_sampling_s(model, shape.tokens) if any(rnd.drafts) else 0.0
+        elif phase == "decode":
             rows = np.stack([r.req.experts[r.pos] for r in batch])
-            ctx = sum(r.pos + 1 for r in batch)
-            shape = BatchShape(tokens=len(batch), sequences=len(batch), attended_pairs=ctx, kv_tokens=ctx)
+            shape = decode_shape([r.pos + 1 for r in batch])
         else:
             rows = np.concatenate([r.req.experts[: r.req.prompt_len] for r in batch])
             pairs = sum(r.req.prompt_len * (r.req.prompt_len + 1) // 2 for r in batch)
             shape = BatchShape(tokens=rows.shape[0], sequences=len(batch), attended_pairs=pairs,
                                kv_tokens=rows.shape[0])
+            if self.drafter is not None:
+                draft_s = self.drafter.prefill_s([r.req.prompt_len for r in batch])
         T = shape.tokens
         routing = self._layer_routing(rows)
         attn = cost.attention_block_s(model, shape)
@@ -346,8 +405,10 @@ class Engine:
         prefetches_before = counters.prefetches
         active: list[int] = []
         # The compute stream's share of each copy it issues (Table: the profile's copy_overhead).
-        pending = cost.embed_s(model, T) + self._copy_overhead_s * (self._expert_copies - copies_before)
+        pending = (self.scenario.sim.pass_overhead_s + cost.embed_s(model, T)
+                   + self._copy_overhead_s * (self._expert_copies - copies_before))
         other_s += pending
+        pending += draft_s   # the drafter runs before the target's pass
         for layer in range(model.num_layers):
             if layer in self._dense:
                 pending += attn + dense
@@ -439,9 +500,9 @@ class Engine:
                         host_stall_s += env.now - t0
             pending = acc + inline_host_s + combine
             cache.pinned = set()
-        lm = cost.lm_head_s(model, len(batch))
+        lm = cost.lm_head_s(model, lm_positions)
         other_s += lm
-        pending += lm
+        pending += lm + reject_s
         yield env.timeout(pending)
         policy.on_step_end(step, cache)
         end = env.now
@@ -459,7 +520,8 @@ class Engine:
             "prefetches": counters.prefetches - prefetches_before, "useful_prefetches": useful,
             "demand_loads": demand_loads, "host_runs": host_runs,
             "wasted_prefetch_bytes": counters.wasted_bytes,
-            "active_experts_mean": sum(active) / len(active), "active_experts_per_layer": active})
+            "active_experts_mean": sum(active) / len(active) if active else float("nan"),
+            "active_experts_per_layer": active, **spec_columns(len(batch), rnd, draft_s, reject_s)})
 
     # ------------------------------------------------------------------ copies and slots
     def _make_room(self, key) -> bool:
@@ -472,7 +534,7 @@ class Engine:
             cache.evict(victim)
             if victim in self._unused_prefetch:
                 self._unused_prefetch.discard(victim)
-                self._bytes.wasted_bytes += self.model.expert_bytes
+                self._bytes.wasted_bytes += self.memory.expert_slot_bytes
         cache.reserve(key)
         return True
 
@@ -487,7 +549,7 @@ class Engine:
         return done
 
     def _demand_load(self, key) -> simpy.Event:
-        nbytes = self.model.expert_bytes
+        nbytes = self.memory.expert_slot_bytes
         self._bytes.demand_bytes += nbytes
         self._expert_copies += 1
         label = f"L{key[0]} E{key[1]} demand"
@@ -505,11 +567,11 @@ class Engine:
                     continue
                 if not self._make_room(key):
                     continue
-                self._bytes.prefetch_bytes += self.model.expert_bytes
+                self._bytes.prefetch_bytes += self.memory.expert_slot_bytes
                 self._bytes.prefetches += 1
                 self._expert_copies += 1
                 self._prefetch_in_flight.add(key)
-                ev = self.copier.submit(self.model.expert_bytes, PREFETCH_PRIORITY_BASE + action.priority,
+                ev = self.copier.submit(self.memory.expert_slot_bytes, PREFETCH_PRIORITY_BASE + action.priority,
                                         self._landed(key, True), f"L{key[0]} E{key[1]} prefetch")
                 self._copy_events[key] = ev
             elif isinstance(action, RunOnHost):
@@ -565,7 +627,8 @@ STEP_COLUMNS = ["step", "phase", "start_s", "end_s", "duration_s", "batch_size",
                 "expert_compute_s", "other_compute_s", "copy_stall_s", "host_stall_s", "host_expert_s",
                 "h2d_bytes", "demand_bytes", "prefetch_bytes", "hits", "misses", "late_prefetches",
                 "prefetches", "useful_prefetches", "demand_loads", "host_runs", "wasted_prefetch_bytes",
-                "active_experts_mean", "active_experts_per_layer"]
+                "active_experts_mean", "active_experts_per_layer", "spec_k", "drafting_requests", "draft_tokens",
+                "accepted_tokens", "committed_tokens", "draft_s", "reject_s"]
 REQUEST_COLUMNS = ["request_id", "arrival_s", "prompt_len", "output_len", "first_token_s", "finish_s",
                    "ttft_s", "tpot_s"]
 
@@ -592,4 +655,32 @@ def simulate(scenario: Scenario, requests: Optional[list[Request]] = None, **kwa
     engine = Engine(scenario, requests, **kwargs)
     if engine.policy.needs_future:
         engine.future = record_future(scenario, requests, kwargs.get("cost"))
-    return engine.run()
+    result = engine.run()
+    if scenario.speculation.name != "none":
+        base_sc = dataclasses.replace(scenario, speculation=without_speculation(scenario.speculation), draft_model=None)
+        base_kwargs = {k: v for k, v in kwargs.items() if k not in ("policy", "speculation")}
+        base_kwargs["progress"] = False
+        baseline = simulate(base_sc, requests, **base_kwargs)
+        result.summary.update(speculation_gains(result.summary, baseline.summary))
+    return result
+
+
+def speculation_gains(spec: dict, baseline: dict) -> dict:
+    """What speculation bought against the same scenario without it (``baseline``).
+
+    speedup: baseline TPOT / TPOT. target_efficiency (MoESD's TE = T_T(B,1) / T_T(B,K)): the
+    baseline's mean decode pass / the mean verify pass. spec_utility (Cascade's U = ETR /
+    (t_iter(K) / t_iter(0))): committed tokens per request per decode pass / (mean decode pass /
+    the baseline's mean decode pass). Batch composition can differ between the two runs near the
+    end (speculation finishes requests sooner); the means are over each run's own decode passes.
+    """
+    def ratio(a, b):
+        return a / b if a is not None and b not in (None, 0) else None
+
+    etr, step, base_step = spec.get("committed_tokens_per_round"), spec.get("decode_step_s"), baseline.get("decode_step_s")
+    rel = ratio(step, base_step)
+    return {"speedup": ratio(baseline.get("tpot_s"), spec.get("tpot_s")),
+            "target_efficiency": ratio(base_step, spec.get("verify_step_s")),
+            "spec_utility": ratio(etr, rel) if etr is not None else None,
+            "baseline_tpot_s": baseline.get("tpot_s"), "baseline_decode_step_s": base_step,
+            "baseline_throughput_tok_s": baseline.get("throughput_tok_s")}

@@ -9,6 +9,15 @@ The activation workspace defaults to ``max_prefill_tokens * act_bytes * (6*H + 3
 states, residual, attention and FFN intermediates of the widest FFN for the largest prefill) plus
 two expert-sized staging buffers, which hold experts that must run but find no cache slot (their
 copy is not cached). ``ExpertCache`` tracks which experts occupy the remaining slots.
+
+A dense model (``num_experts=0``) has no experts to cache: the plan has zero slots (the budget left
+over is still reported) and only an explicit ``capacity_per_layer > 0`` is an error.
+
+Tensor parallelism (``hw.tensor_parallel = p``): the budget is one GPU's. Pass
+``tensor_parallel=p`` with the full model (or pass ``model.tensor_shard(p)`` and leave it at 1):
+weights, KV cache and expert slots are then the shard's (each slot holds one expert's ``1/p``
+slice; every GPU caches the same experts), the activation workspace is sized for the shard's
+widest FFN slice.
 """
 
 from __future__ import annotations
@@ -37,9 +46,14 @@ class MemoryBudget:
     cache_scope: Literal["per_layer", "global"]
     slots_per_layer: Optional[int]   # per_layer scope only
     total_slots: int
+    tensor_parallel: int = 1         # the budget is one of this many GPUs' (each holds a shard)
+    expert_slot_bytes: float = 0.0   # bytes one slot holds: the (shard's) expert_bytes
 
 
-def default_activation_bytes(model: ModelSpec, max_prefill_tokens: int) -> float:
+def default_activation_bytes(model: ModelSpec, max_prefill_tokens: int, tensor_parallel: int = 1) -> float:
+    """Activation workspace of one GPU (see the module docstring); ``model`` is the full model or,
+    with ``tensor_parallel=1``, a shard."""
+    model = model.tensor_shard(tensor_parallel)
     widest = max(model.expert_intermediate_size, model.shared_intermediate_total, model.dense_intermediate_size)
     work = max_prefill_tokens * model.act_bytes_per_elem * (6 * model.hidden_size + 3 * widest)
     return work + STAGING_EXPERTS * model.expert_bytes
@@ -47,19 +61,36 @@ def default_activation_bytes(model: ModelSpec, max_prefill_tokens: int) -> float
 
 def plan_memory(model: ModelSpec, capacity_bytes: float, reserved_bytes: float, kv_cache_tokens: int,
                 activation_bytes: float, cache_scope: str, capacity_per_layer: Optional[int],
-                hw_name: str = "hw") -> MemoryBudget:
-    """Split HBM and size the expert cache; raise a one-line ConfigError if it cannot fit."""
+                hw_name: str = "hw", tensor_parallel: int = 1) -> MemoryBudget:
+    """Split one GPU's HBM and size the expert cache; raise a one-line ConfigError if it cannot fit.
+
+    ``capacity_bytes``/``reserved_bytes`` are one GPU's; with ``tensor_parallel=p`` the GPU holds
+    ``model.tensor_shard(p)`` (``kv_cache_tokens`` is still counted in tokens of the whole batch:
+    each GPU caches its KV heads of every token).
+    """
+    p = tensor_parallel
+    model = model.tensor_shard(p, "hw.tensor_parallel")
     kv = kv_cache_tokens * model.kv_bytes_per_token
     budget = capacity_bytes - reserved_bytes - model.non_expert_bytes - kv - activation_bytes
     gb = 1e9
-    if budget < model.expert_bytes:
+    where = f"hw={hw_name}" if p == 1 else f"hw={hw_name} (per GPU, tensor_parallel={p})"
+    weights = "non-expert weights" if model.num_experts else "weights"
+    if budget < model.expert_bytes or budget < 0:
+        need = f", less than one expert ({model.expert_bytes / gb:.3f} GB)" if model.num_experts else ""
         raise ConfigError(
-            f"model={model.name} does not fit on hw={hw_name}: HBM {capacity_bytes / gb:.1f} GB minus "
-            f"reserved {reserved_bytes / gb:.1f} GB, non-expert weights {model.non_expert_bytes / gb:.2f} GB, "
+            f"model={model.name} does not fit on {where}: HBM {capacity_bytes / gb:.1f} GB minus "
+            f"reserved {reserved_bytes / gb:.1f} GB, {weights} {model.non_expert_bytes / gb:.2f} GB, "
             f"KV cache {kv / gb:.2f} GB and activations {activation_bytes / gb:.2f} GB leaves "
-            f"{budget / gb:.2f} GB, less than one expert ({model.expert_bytes / gb:.3f} GB); "
+            f"{budget / gb:.2f} GB{need}; "
             f"lower workload.batch_size or the request lengths, or pick a larger GPU")
     L, E = model.num_moe_layers, model.num_experts
+    if L == 0 or E == 0:  # a dense model: nothing to cache
+        if capacity_per_layer:
+            raise ConfigError(f"policy.prefetch.capacity_per_layer={capacity_per_layer} is invalid; "
+                              f"model {model.name} is dense (no experts to cache), so 0 or unset")
+        scope = "per_layer" if cache_scope == "per_layer" else "global"
+        return MemoryBudget(capacity_bytes, reserved_bytes, model.non_expert_bytes, kv, activation_bytes,
+                            budget, scope, 0 if scope == "per_layer" else None, 0, p, model.expert_bytes)
     fit_total = int(budget // model.expert_bytes)
     if capacity_per_layer is not None:
         if capacity_per_layer > E:
@@ -81,9 +112,9 @@ def plan_memory(model: ModelSpec, capacity_bytes: float, reserved_bytes: float, 
                 f"policy.prefetch.cache_scope=per_layer leaves no expert slot per layer for {model.name} "
                 f"on {hw_name} ({fit_total} slots for {L} layers); use policy.prefetch.cache_scope=global")
         return MemoryBudget(capacity_bytes, reserved_bytes, model.non_expert_bytes, kv, activation_bytes,
-                            budget, "per_layer", per_layer, per_layer * L)
+                            budget, "per_layer", per_layer, per_layer * L, p, model.expert_bytes)
     return MemoryBudget(capacity_bytes, reserved_bytes, model.non_expert_bytes, kv, activation_bytes,
-                        budget, "global", None, total)
+                        budget, "global", None, total, p, model.expert_bytes)
 
 
 class ExpertCache:

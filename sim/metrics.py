@@ -9,7 +9,13 @@ Step records (``steps.parquet``), one row per forward pass:
     prefetch_bytes, hits (needed experts resident when the layer routed), misses, late_prefetches
     (misses already being prefetched), prefetches (issued), useful_prefetches (prefetched experts
     used before eviction), demand_loads, host_runs, wasted_prefetch_bytes (prefetched experts
-    evicted unused), active_experts_mean, active_experts_per_layer (list, one per MoE layer).
+    evicted unused), active_experts_mean, active_experts_per_layer (list, one per MoE layer);
+    speculative decoding (``sim/speculation.py``): spec_k (K the policy chose; 0 = plain decode),
+    drafting_requests (requests that drafted at least one token), draft_tokens, accepted_tokens,
+    committed_tokens (tokens the pass committed: accepted drafts + one per request; a prefill pass
+    commits each request's first token), draft_s (drafter time on the compute stream, ngram
+    lookups included), reject_s (rejection sampling). attention_s + expert_compute_s +
+    other_compute_s + copy_stall_s + host_stall_s + draft_s + reject_s = duration_s.
 Request records (``requests.parquet``), one row per request:
     request_id, arrival_s, prompt_len, output_len, first_token_s, finish_s, ttft_s, tpot_s.
 """
@@ -45,6 +51,14 @@ def summarize(steps: pd.DataFrame, requests: pd.DataFrame) -> dict[str, Any]:
     mean_active_experts_prefill). prefetch_precision: useful prefetches / prefetches issued;
     prefetch_recall: useful prefetches / (useful prefetches + demand loads), i.e. the share of
     needed-but-not-resident experts that a prefetch had asked for.
+
+    Speculative decoding (present when the records carry draft tokens): spec_rounds (decode passes
+    that drafted), mean_spec_k (K chosen, averaged over decode passes), acceptance_rate (accepted /
+    drafted tokens), accepted_tokens_per_round (accepted drafts per request per drafting round),
+    committed_tokens_per_round (tokens committed per request per decode pass: Cascade's ETR),
+    verify_step_s (mean decode pass minus its drafting and rejection sampling: the target's
+    T_T(B, K)), draft_round_s and reject_round_s (mean drafting and rejection-sampling time per
+    drafting round), draft_s, reject_s (totals over the run, prefill drafting included).
     """
     prefetches = float(steps["prefetches"].sum())
     useful = float(steps["useful_prefetches"].sum())
@@ -62,7 +76,8 @@ def summarize(steps: pd.DataFrame, requests: pd.DataFrame) -> dict[str, Any]:
         "ttft_p50_s": _pct(requests["ttft_s"], 50),
         "ttft_p99_s": _pct(requests["ttft_s"], 99),
         "throughput_tok_s": generated / span if span > 0 else float("nan"),
-        "decode_tokens": int(decode["batch_size"].sum()),
+        "decode_tokens": int(decode["committed_tokens"].sum() if "committed_tokens" in decode
+                             else decode["batch_size"].sum()),
         "requests": int(len(requests)),
         "iterations": int(len(steps)),
         "simulated_time_s": float(steps["end_s"].max()) if len(steps) else 0.0,
@@ -83,4 +98,18 @@ def summarize(steps: pd.DataFrame, requests: pd.DataFrame) -> dict[str, Any]:
         "mean_active_experts": _mean(decode["active_experts_mean"]),
         "mean_active_experts_prefill": _mean(prefill["active_experts_mean"]),
     }
+    if "draft_tokens" in steps and steps["draft_tokens"].sum() > 0:
+        drafted = decode[decode["draft_tokens"] > 0]
+        out.update({
+            "spec_rounds": int(len(drafted)),
+            "mean_spec_k": _mean(decode["spec_k"]),
+            "acceptance_rate": float(drafted["accepted_tokens"].sum() / drafted["draft_tokens"].sum()),
+            "accepted_tokens_per_round": float(drafted["accepted_tokens"].sum() / drafted["drafting_requests"].sum()),
+            "committed_tokens_per_round": float(decode["committed_tokens"].sum() / decode["batch_size"].sum()),
+            "verify_step_s": _mean(drafted["duration_s"] - drafted["draft_s"] - drafted["reject_s"]),
+            "draft_round_s": _mean(drafted["draft_s"]),
+            "reject_round_s": _mean(drafted["reject_s"]),
+            "draft_s": float(steps["draft_s"].sum()),
+            "reject_s": float(steps["reject_s"].sum()),
+        })
     return {k: (None if isinstance(v, float) and math.isnan(v) else v) for k, v in out.items()}

@@ -15,6 +15,7 @@ from workloads.requests import WorkloadConfig
 from workloads.validation import ConfigError, build, require
 
 from .policies.base import PrefetchConfig, prefetch_policy_class
+from .policies.speculation import SpeculationConfig
 
 
 @dataclass(frozen=True)
@@ -27,18 +28,24 @@ class SimConfig:
     initial_residency: Literal["fill", "empty"] = "fill"
     kv_cache_tokens: Optional[int] = None
     activation_bytes: Optional[float] = None
+    # Host-side time per forward pass the GPU waits for, beyond the kernels: the serving engine's
+    # scheduling, input preparation, sampling (vLLM's own profile of v0.5.3 found the GPU idle for
+    # most of a Llama-3-8B decode step on an H100). 0 = an ideal engine. Charged once per target
+    # pass (other_compute_s) and once per draft-model pass (draft_s).
+    pass_overhead_s: float = 0.0
 
     def validate(self, key: str = "sim") -> None:
         require(self.gpu >= 0, f"{key}.gpu", self.gpu, "must be >= 0")
         if self.kv_cache_tokens is not None:
             require(self.kv_cache_tokens >= 0, f"{key}.kv_cache_tokens", self.kv_cache_tokens, "must be >= 0")
+        require(self.pass_overhead_s >= 0, f"{key}.pass_overhead_s", self.pass_overhead_s, "must be >= 0 (seconds)")
         if self.activation_bytes is not None:
             require(self.activation_bytes >= 0, f"{key}.activation_bytes", self.activation_bytes, "must be >= 0")
 
 
 @dataclass(frozen=True)
 class NamedPolicyConfig:
-    """Policy groups that have only ``none`` so far (speculation: issue 5, EP: later issues)."""
+    """Policy groups that have only ``none`` so far (EP: a later issue)."""
 
     name: str = "none"
 
@@ -49,16 +56,18 @@ class Scenario:
     hw: SystemSpec
     workload: WorkloadConfig
     prefetch: PrefetchConfig
-    speculation: NamedPolicyConfig
+    speculation: SpeculationConfig
     ep: NamedPolicyConfig
     sim: SimConfig
     seed: int = 0
+    draft_model: Optional[ModelSpec] = None   # policy.speculation.draft_model, resolved (drafter=model)
 
     def choices(self) -> dict[str, Any]:
         """The composed config's key choices, as they go into summary.json."""
         return {
             "model": self.model.name,
             "hw": self.hw.name,
+            "tensor_parallel": self.hw.tensor_parallel,
             "workload": self.workload.kind,
             "batch_size": self.workload.batch_size,
             "num_requests": self.workload.num_requests,
@@ -70,6 +79,11 @@ class Scenario:
             "capacity_per_layer": self.prefetch.capacity_per_layer,
             "cache_scope": self.prefetch.cache_scope,
             "speculation": self.speculation.name,
+            "spec_k": self.speculation.k if self.speculation.name != "none" else None,
+            "drafter": self.speculation.drafter if self.speculation.name != "none" else None,
+            "spec_alpha": (self.speculation.iid_alpha if self.speculation.name != "none"
+                           and self.speculation.acceptance == "iid" else None),
+            "draft_model": self.draft_model.name if self.draft_model is not None else None,
             "ep": self.ep.name,
             "seed": self.seed,
         }
@@ -104,5 +118,23 @@ def build_scenario(cfg: Mapping[str, Any]) -> Scenario:
     require(isinstance(seed, int) and not isinstance(seed, bool) and seed >= 0, "seed", seed,
             "must be a non-negative integer")
     require(sim.gpu < hw.num_gpus, "sim.gpu", sim.gpu, f"hw={hw.name} has GPUs 0..{hw.num_gpus - 1}")
-    return Scenario(model, hw, workload, prefetch, _only_none(policy.get("speculation"), "policy.speculation"),
-                    _only_none(policy.get("ep"), "policy.ep"), sim, seed)
+    model.tensor_shard(hw.tensor_parallel)   # a split the heads do not allow fails here, naming the key
+    speculation = build(SpeculationConfig, policy.get("speculation") or {}, "policy.speculation")
+    draft = None
+    if speculation.name != "none" and speculation.drafter == "model":
+        draft = load_model_spec(speculation.draft_model, "policy.speculation.draft_model")
+    return Scenario(model, hw, workload, prefetch, speculation, _only_none(policy.get("ep"), "policy.ep"), sim,
+                    seed, draft)
+
+
+def load_model_spec(name: str, key: str = "model") -> ModelSpec:
+    """The ModelSpec of ``conf/model/NAME.yaml`` (a draft model named by a string key)."""
+    from importlib import resources
+
+    from omegaconf import OmegaConf
+
+    folder = resources.files("conf").joinpath("model")
+    options = sorted(p.name[:-5] for p in folder.iterdir() if p.name.endswith(".yaml"))
+    require(name in options, key, name, f"not a known model; choose one of: {', '.join(options)}")
+    cfg = OmegaConf.to_container(OmegaConf.create(folder.joinpath(f"{name}.yaml").read_text()), resolve=True)
+    return build(ModelSpec, cfg, key)

@@ -9,7 +9,7 @@ prompt tokens, at least one request); otherwise it is a decode pass of every run
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Literal, Optional, Sequence
+from typing import Literal, Mapping, Optional, Sequence
 
 from workloads.requests import Request
 
@@ -66,8 +66,13 @@ class BatchScheduler:
             return Pass("prefill", batch)
         return Pass("decode", list(self._running))
 
-    def complete(self, p: Pass, now_s: float) -> list[RunningRequest]:
-        """Account for a finished pass; returns the requests that are now complete."""
+    def complete(self, p: Pass, now_s: float, committed: Optional[Mapping[int, int]] = None) -> list[RunningRequest]:
+        """Account for a finished pass; returns the requests that are now complete.
+
+        ``committed``: tokens a decode pass committed per request id (speculative decoding: the
+        accepted drafts plus one; the KV cache of the rejected ones is rolled back, so the next
+        position to feed advances by the same count). Default: one token per request.
+        """
         if p.phase == "prefill":
             for r in p.batch:
                 r.first_token_s = now_s
@@ -76,8 +81,12 @@ class BatchScheduler:
                 self._running.append(r)
         else:
             for r in p.batch:
-                r.generated += 1
-                r.pos += 1
+                n = 1 if committed is None else committed[r.req.request_id]
+                if not 1 <= n <= r.req.output_len - r.generated:
+                    raise ValueError(f"request {r.req.request_id}: {n} tokens committed with "
+                                     f"{r.req.output_len - r.generated} left to generate")
+                r.generated += n
+                r.pos += n
         finished = [r for r in self._running if r.generated >= r.req.output_len]
         self._running = [r for r in self._running if r.generated < r.req.output_len]
         return finished

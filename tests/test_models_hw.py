@@ -31,6 +31,14 @@ PUBLISHED = {
     # is deliberate (the measured cost tables in profiles/ are keyed to these shapes).
     "mini_mixtral": (0.09177, 0.02571),
     "mini_qwen": (0.09238, 0.02632),
+    # The dense drafter for both (conf/model/mini_draft.yaml): 1,999,872 params, all active.
+    "mini_draft": (0.0020, 0.0020),
+    # Dense targets and drafts of MoESD (all params active).
+    "opt_30b": (30.0, 30.0),
+    "qwen2_0_5b": (0.49, 0.49),
+    # 331M published; the spec embeds at hidden_size 1024, not word_embed_proj_dim 512 (+25.7M),
+    # and leaves out the 512<->1024 projections and the learned positions (-3.1M)
+    "opt_350m": (0.331 + 0.0257 - 0.0031, 0.331 + 0.0257 - 0.0031),
 }
 
 

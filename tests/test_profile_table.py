@@ -49,8 +49,14 @@ def test_quick_profile_writes_well_formed_tables(quick_profile):
     assert set(header["models"]) == set(MODELS)
     assert (rows["device"] == "cpu").all() and (rows["threads"] == 1).all() and (rows["dtype"] == "float32").all()
     assert (rows["p10_s"] <= rows["median_s"]).all() and (rows["median_s"] <= rows["p90_s"]).all()
-    # copy_overhead is a difference of two runs' times (it may come out slightly negative: noise).
-    timed = rows[rows["op"] != "copy_overhead"]
+    # copy_overhead and host_run_overhead are differences of two runs' times (they may come out
+    # slightly negative: noise; Table clips them at 0); layer_overhead is a residual against the op
+    # tables (negative where ops run faster in the executor), but never more than a layer's
+    # attention block takes.
+    timed = rows[~rows["op"].isin(["copy_overhead", "host_run_overhead", "layer_overhead"])]
+    residual = rows[rows["op"] == "layer_overhead"]
+    attn = rows[(rows["op"] == "attention")]["median_s"]
+    assert residual["median_s"].map(np.isfinite).all() and (residual["median_s"] > -attn.max()).all()
     assert (timed["median_s"] > 0).all() and (timed["repeats"] >= rp.QUICK.min_passes).all()
     per_copy = rows[rows["op"] == "copy_overhead"]
     assert sorted(per_copy["model"]) == sorted(MODELS) and per_copy["median_s"].map(np.isfinite).all()
@@ -64,6 +70,9 @@ def test_quick_profile_writes_well_formed_tables(quick_profile):
         assert set(att["phase"]) == {"decode", "prefill"}
         assert att[["batch", "context", "tokens"]].notna().all().all()
     assert "shared_experts" in set(rows.loc[rows["model"] == "mini_qwen", "op"])
+    for m in MODELS:   # speculative decoding's rejection sampling, per target (its vocabulary)
+        rej = rows[(rows["model"] == m) & (rows["op"] == "rejection_sampling")]
+        assert sorted(rej["tokens"]) == list(rp.QUICK.reject_tokens) and (rej["median_s"] > 0).all()
     copies = rows[rows["op"] == "copy"]
     assert set(copies["phase"]) == {"idle", "contended"} and (copies["model"] == "").all()
     # Each model's expert size is one of the measured copy sizes.
@@ -92,15 +101,23 @@ def test_table_is_exact_at_measured_points(quick_profile, specs):
                 shape = BatchShape(B, B, B * c, B * c)
             else:
                 shape = BatchShape(B * c, B, B * c * (c + 1) // 2, B * c)
-            # The block's time plus the executor's per-layer overhead at the pass's tokens.
-            expected = row["median_s"] + overhead(float(row["tokens"]))
+            # The block's time plus the executor's per-layer overhead at the pass's tokens (a
+            # residual, which may be negative; the block never costs less than nothing).
+            expected = max(0.0, row["median_s"] + overhead(float(row["tokens"])))
             assert table.attention_block_s(spec, shape) == pytest.approx(expected, rel=1e-12)
+    for name, spec in specs.items():
+        for _, row in rows[(rows["model"] == name) & (rows["op"] == "rejection_sampling")].iterrows():
+            assert table.rejection_sampling_s(spec, int(row["tokens"])) == pytest.approx(row["median_s"], rel=1e-12)
     idle = rows[(rows["op"] == "copy") & (rows["phase"] == "idle")]
     for _, row in idle.iterrows():
         assert table.copy_s(float(row["bytes"]), link) == pytest.approx(row["median_s"], rel=1e-12)
-    # The CPU is its own host: host execution costs what the expert costs.
+    # The CPU is its own host: host execution costs what the expert costs, plus the executor's
+    # measured extra per host run (a difference of two runs, clipped at 0).
     spec = specs["mini_mixtral"]
-    assert table.host_expert_s(spec, 3) == table.expert_s(spec, 3)
+    extra = rows.loc[(rows["model"] == "mini_mixtral") & (rows["op"] == "host_run_overhead"), "median_s"]
+    assert len(extra) == 1
+    assert table.host_expert_s(spec, 3) == pytest.approx(table.expert_s(spec, 3) + max(0.0, float(extra.iloc[0])),
+                                                         rel=1e-12)
     assert table.shared_experts_s(spec, 8) == 0.0 and table.dense_ffn_s(spec, 8) == 0.0
 
 
@@ -249,6 +266,42 @@ def test_profiles_merge_by_model_and_cli_errors(tmp_path, capsys):
         assert rp.main(["--device", "cuda", "-o", str(tmp_path / "z")]) == 2
         err = capsys.readouterr().err.strip()
         assert err.startswith("moesim-profile: error: --device=cuda is not usable here") and "\n" not in err
+
+
+def test_dense_draft_model_profiles_and_simulates_speculation(tmp_path):
+    """A dense model (a drafter) profiles without expert, router, combine or copy-overhead rows;
+    the table then times it as a drafter, and a speculation scenario simulates with the tables."""
+    tiny = rp.Sweep(expert_tokens=(1, 4), decode_batches=(1, 2), decode_contexts=(16, 32), prefill_seqs=(1,),
+                    prefill_lens=(8, 16), prefill_max_tokens=64, copy_bytes=(4096,), extra_expert_tokens=(1,),
+                    warmup=1, min_passes=1, max_passes=1, pass_budget_s=0.0, min_repeats=2, max_repeats=3,
+                    budget_s=0.0, kv_budget_bytes=1e8, copy_pool_bytes=1 << 16, overhead_batches=(1,),
+                    overhead_pairs=1, reject_tokens=(1, 4))
+    base = compose_scenario(["model=mini_qwen"]).model
+    target = replace(base, name="tiny_target", hidden_size=64, expert_intermediate_size=32, num_experts=4, top_k=2,
+                     shared_expert_intermediate_size=64, num_attention_heads=2, num_kv_heads=2, head_dim=32,
+                     vocab_size=64, num_layers=2)
+    draft = replace(compose_scenario(["model=mini_draft"]).model, name="tiny_draft", hidden_size=32,
+                    dense_intermediate_size=48, num_attention_heads=2, num_kv_heads=1, head_dim=16, vocab_size=64)
+    rp.run_profile([target, draft], "cpu", tmp_path, sweep=tiny)
+    rows = pd.read_parquet(tmp_path / "profile.parquet")
+    dense_ops = set(rows.loc[rows["model"] == "tiny_draft", "op"])
+    assert {"attention", "dense_ffn", "embed", "lm_head", "layer_overhead", "rejection_sampling"} <= dense_ops
+    assert not dense_ops & {"expert", "router", "combine", "copy_overhead", "host_run_overhead"}
+    table = Table(tmp_path)
+    table.check(draft)
+    assert table.expert_s(draft, 4) == table.router_s(draft, 4) == table.combine_s(draft, 4) == 0.0
+    from sim.speculation import Drafter
+
+    spec_cfg = compose_scenario(["policy/speculation=static", "policy.speculation.draft_model=mini_draft"]).speculation
+    drafter = Drafter.build(spec_cfg, target, draft, table)
+    assert drafter.round_s([10, 12], [3, 1], 3) > drafter.round_s([10, 12], [1, 1], 1) > 0
+    assert drafter.prefill_s([8]) > 0
+    sc = compose_scenario(["hw=this_cpu", f"hw.profile_dir={tmp_path}", "policy/speculation=static",
+                           "policy.speculation.draft_model=mini_draft", "policy.speculation.k=2",
+                           "workload.num_requests=2", "workload.prompt_len=8", "workload.output_len=6",
+                           "sim.progress=false"])
+    res = simulate(replace(sc, model=target, draft_model=draft))
+    assert res.summary["spec_rounds"] > 0 and res.summary["draft_round_s"] > 0 and res.summary["reject_round_s"] > 0
 
 
 def test_hw_never_imports_torch():

@@ -1,4 +1,4 @@
-"""MoE model shapes (``ModelSpec``) and the operations one forward pass is made of.
+"""MoE (and dense) model shapes (``ModelSpec``) and the operations one forward pass is made of.
 
 Values for the built-in models come from the public ``config.json`` of each model (see
 ``conf/model/*.yaml``, which cite them). A ModelSpec knows shapes only; how long an operation takes
@@ -9,6 +9,15 @@ Conventions
 * Layers are numbered ``0 .. num_layers-1`` as in the checkpoint. A layer listed in
   ``dense_layers`` has a dense FFN; every other layer is an MoE layer. Router traces use the same
   absolute layer numbers.
+* A fully dense model (OPT, Qwen2-0.5B: speculative-decoding targets and drafts) says
+  ``num_experts: 0`` with ``top_k: 0`` and ``expert_intermediate_size: 0``. Then every layer is
+  dense: ``dense_layers`` defaults to all of them (listing every layer is also accepted, any other
+  list is an error), ``moe_layers`` is empty and there are no expert bytes. ``num_experts: 0`` is
+  the only way to say "dense": an MoE model keeps needing >= 1 expert, 1 <= top_k <= num_experts
+  and at least one MoE layer.
+* A dense FFN, like an expert, is modelled as SwiGLU (3 matrices ``H x I``). A 2-matrix MLP
+  (OPT's ReLU ``H -> F -> H``) is represented by ``dense_intermediate_size = 2F/3``, which gives
+  the same parameters, bytes and GEMM FLOPs (``conf/model/opt_*.yaml``).
 * An expert is a SwiGLU FFN: gate and up projections ``H x I`` and a down projection ``I x H``,
   so ``expert_params = 3 * H * I``.
 * Shared experts (always active) are modelled as one fused SwiGLU FFN of width
@@ -20,7 +29,7 @@ Conventions
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from functools import cached_property
 from typing import Literal, NamedTuple, Optional
 
@@ -47,7 +56,8 @@ class Gemm(NamedTuple):
 
 @dataclass(frozen=True)
 class ModelSpec:
-    """Shapes of a decoder-only MoE transformer (one entry of REFERENCE.md section 5)."""
+    """Shapes of a decoder-only MoE transformer (one entry of REFERENCE.md section 5), or of a
+    dense one (``num_experts=0``; see the module docstring)."""
 
     name: str
     hidden_size: int
@@ -78,20 +88,41 @@ class ModelSpec:
     hf_id: str = ""
     source: str = field(default="", compare=False)
 
+    def __post_init__(self) -> None:
+        # A dense model (num_experts=0) has every layer dense unless dense_layers says otherwise
+        # (which validate() then rejects).
+        if self.num_experts == 0 and not self.dense_layers and self.num_layers > 0:
+            object.__setattr__(self, "dense_layers", tuple(range(self.num_layers)))
+
     # ------------------------------------------------------------------ validation
     def validate(self, key: str = "model") -> None:
-        positive(self, key, "hidden_size", "num_layers", "num_experts", "top_k",
-                 "expert_intermediate_size", "num_attention_heads", "num_kv_heads", "head_dim",
+        positive(self, key, "hidden_size", "num_layers", "num_attention_heads", "num_kv_heads", "head_dim",
                  "vocab_size", "weight_bytes_per_param", "kv_bytes_per_elem", "act_bytes_per_elem")
-        require(self.top_k <= self.num_experts, f"{key}.top_k", self.top_k,
-                f"must be between 1 and num_experts={self.num_experts}")
+        require(self.num_experts >= 0, f"{key}.num_experts", self.num_experts,
+                "must be >= 1 (an MoE model) or 0 (a dense model)")
+        if self.is_dense:
+            dense = "must be 0 for a dense model (num_experts=0)"
+            require(self.top_k == 0, f"{key}.top_k", self.top_k, dense)
+            require(self.expert_intermediate_size == 0, f"{key}.expert_intermediate_size",
+                    self.expert_intermediate_size, dense)
+            require(self.num_shared_experts == 0, f"{key}.num_shared_experts", self.num_shared_experts, dense)
+            require(set(self.dense_layers) == set(range(self.num_layers)), f"{key}.dense_layers",
+                    list(self.dense_layers), "a dense model (num_experts=0) has every layer dense; "
+                    "leave dense_layers unset")
+            require(self.dense_intermediate_size > 0, f"{key}.dense_intermediate_size",
+                    self.dense_intermediate_size, "must be > 0 for a dense model (num_experts=0)")
+        else:
+            positive(self, key, "top_k", "expert_intermediate_size")
+            require(self.top_k <= self.num_experts, f"{key}.top_k", self.top_k,
+                    f"must be between 1 and num_experts={self.num_experts}")
         require(self.num_attention_heads % self.num_kv_heads == 0, f"{key}.num_kv_heads",
                 self.num_kv_heads, f"must divide num_attention_heads={self.num_attention_heads}")
         for layer in self.dense_layers:
             require(0 <= layer < self.num_layers, f"{key}.dense_layers", list(self.dense_layers),
                     f"layer indices must be in [0, {self.num_layers})")
-        require(len(self.moe_layers) > 0, f"{key}.dense_layers", list(self.dense_layers),
-                "at least one layer must be an MoE layer")
+        if not self.is_dense:
+            require(len(self.moe_layers) > 0, f"{key}.dense_layers", list(self.dense_layers),
+                    "at least one layer must be an MoE layer (for a dense model set num_experts=0)")
         if self.dense_layers:
             require(self.dense_intermediate_size > 0, f"{key}.dense_intermediate_size",
                     self.dense_intermediate_size, "must be > 0 when dense_layers is set")
@@ -103,6 +134,11 @@ class ModelSpec:
             positive(self, key, "kv_lora_rank", "qk_nope_head_dim", "qk_rope_head_dim", "v_head_dim")
         if self.expert_bytes_per_param is not None:
             positive(self, key, "expert_bytes_per_param")
+
+    @property
+    def is_dense(self) -> bool:
+        """No routed experts at all (``num_experts == 0``): every layer has a dense FFN."""
+        return self.num_experts == 0
 
     # ------------------------------------------------------------------ layers
     @cached_property
@@ -136,6 +172,7 @@ class ModelSpec:
 
     @property
     def total_expert_bytes(self) -> float:
+        """Bytes of every routed expert of every MoE layer (0 for a dense model)."""
         return self.expert_bytes * self.num_experts * self.num_moe_layers
 
     @property
@@ -215,20 +252,71 @@ class ModelSpec:
         per_layer_attn = sum(g.weight_bytes for g in self.attention_gemms(1))
         router = self.router_gemm(1).weight_bytes
         shared = sum(g.weight_bytes for g in self.shared_expert_gemms(1))
-        dense = sum(g.weight_bytes for g in self.dense_ffn_gemms(1)) if self.dense_layers else 0.0
+        num_dense = self.num_layers - self.num_moe_layers
+        dense = sum(g.weight_bytes for g in self.dense_ffn_gemms(1)) if num_dense else 0.0
         norms = 2 * H * self.weight_bytes_per_param
         embed = self.vocab_size * H * self.weight_bytes_per_param * (1 if self.tie_word_embeddings else 2)
         return (self.num_layers * (per_layer_attn + norms)
                 + self.num_moe_layers * (router + shared)
-                + len(self.dense_layers) * dense + embed)
+                + num_dense * dense + embed)
 
     @property
     def total_bytes(self) -> float:
         return self.non_expert_bytes + self.total_expert_bytes
 
+    # ------------------------------------------------------------------ tensor parallelism
+    def tensor_shard(self, p: int, key: str = "hw.tensor_parallel") -> "ModelSpec":
+        """The part of the model one GPU holds under ``p``-way tensor parallelism, as vLLM (Megatron
+        style) splits it; ``p == 1`` returns ``self``.
+
+        * attention: query heads ``/ p`` (column-parallel QKV, row-parallel output projection);
+          KV heads ``/ p`` when there are at least ``p`` of them, else one per GPU (replicated), as
+          vLLM's ``QKVParallelLinear`` does. MLA: heads ``/ p``; the low-rank ``q_a``/``kv_a``
+          projections and the latent KV cache are replicated (``kv_lora_rank`` unchanged);
+        * routed experts: each expert's intermediate dimension ``/ p`` (vLLM's fused MoE shards
+          every expert across all ranks; every GPU holds every expert's slice), so ``expert_bytes``
+          is ``1/p`` of the full expert; shared experts and dense FFNs: intermediate ``/ p``;
+        * vocabulary ``/ p`` for the LM head and the embedding (``VocabParallelEmbedding``,
+          ``ParallelLMHead``); router, norms and ``hidden_size`` replicated.
+
+        A dimension that ``p`` does not divide is rounded up (vLLM pads the vocabulary; our
+        2/3-width stand-in for a 2-matrix MLP need not divide). ``p`` must divide
+        ``num_attention_heads`` and, with more KV heads than ``p``, ``num_kv_heads`` (else ``p``
+        must be a multiple of it); a one-line ConfigError names ``key`` otherwise. The shard keeps
+        the model's name (it is the same model, one GPU's part of it).
+        """
+        require(isinstance(p, int) and not isinstance(p, bool) and p >= 1, key, p, "must be an integer >= 1")
+        if p == 1:
+            return self
+        nh, kv = self.num_attention_heads, self.num_kv_heads
+        require(nh % p == 0, key, p, f"must divide model.num_attention_heads={nh} (attention heads are split "
+                                     f"across the GPUs)")
+        if kv >= p:
+            require(kv % p == 0, key, p, f"must divide model.num_kv_heads={kv}")
+            kv_shard = kv // p
+        else:
+            require(p % kv == 0, key, p, f"must be a multiple of model.num_kv_heads={kv} when it exceeds it")
+            kv_shard = 1
+
+        def split(n: int) -> int:
+            return -(-n // p) if n > 0 else n
+
+        return replace(
+            self,
+            num_attention_heads=nh // p,
+            num_kv_heads=kv_shard,
+            expert_intermediate_size=split(self.expert_intermediate_size),
+            shared_expert_intermediate_size=split(self.shared_expert_intermediate_size),
+            dense_intermediate_size=split(self.dense_intermediate_size),
+            vocab_size=split(self.vocab_size),
+        )
+
 
 def expected_active_experts(tokens: int, num_experts: int, top_k: int) -> float:
-    """MoESD's N(t) = E * (1 - ((E - K)/E)^t): distinct experts hit by t tokens under uniform routing."""
+    """MoESD's N(t) = E * (1 - ((E - K)/E)^t): distinct experts hit by t tokens under uniform routing
+    (0 for a dense model, ``num_experts == 0``)."""
     if tokens < 0:
         raise ConfigError(f"tokens={tokens} is invalid; must be >= 0")
+    if num_experts == 0:
+        return 0.0
     return num_experts * (1.0 - ((num_experts - top_k) / num_experts) ** tokens)

@@ -2,7 +2,9 @@
 
 ``WorkloadConfig`` is the ``workload`` node of the Hydra config (``conf/workload/*.yaml``).
 ``build_requests`` turns it into a list of :class:`Request`, either from the synthetic routing
-generator (``kind: synthetic``) or from a router trace on disk (``kind: trace``).
+generator (``kind: synthetic``) or from a router trace on disk (``kind: trace``). For a dense
+model (``num_experts: 0``) the synthetic workload has the same arrivals and lengths and empty
+routing (``experts`` of shape ``[positions, 0, 0]``); a router trace does not apply to it.
 
 Lengths: ``output_len`` counts generated tokens. The first one comes out of the prefill pass, so a
 request runs ``output_len - 1`` decode iterations and its routing holds ``prompt_len + output_len - 1``
@@ -82,7 +84,7 @@ class Request:
     arrival_s: float
     prompt_len: int
     output_len: int
-    experts: np.ndarray  # int16 [prompt_len + output_len - 1, num_moe_layers, top_k]
+    experts: np.ndarray  # int16 [prompt_len + output_len - 1, num_moe_layers, top_k] ([.., 0, 0] if dense)
     # Optional: at [t, m, :] the experts predicted for MoE layer m+1 from layer m's state (-1 = none).
     predicted: Optional[np.ndarray] = None
 
@@ -114,6 +116,8 @@ def build_requests(cfg: WorkloadConfig, model: ModelSpec, seed: int) -> list[Req
     """Requests for a run; deterministic in (cfg, model, seed)."""
     rng = np.random.default_rng(seed)
     if cfg.kind == "trace":
+        require(not model.is_dense, "workload", "trace",
+                f"model={model.name} is dense (num_experts=0): router traces do not apply; use workload=synthetic")
         from .trace import load_trace_requests
 
         routed = load_trace_requests(cfg.path, model, on_ragged=cfg.on_ragged, limit=cfg.num_requests)

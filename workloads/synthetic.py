@@ -311,9 +311,11 @@ def keep_probability(num_experts: int, top_k: int, sigma: float, reuse: float) -
 
 
 def resolve_routing(model: ModelSpec, cfg: RoutingConfig) -> RoutingPlan:
-    """Turn targets into generator parameters for ``model`` (ConfigError if unreachable)."""
+    """Turn targets into generator parameters for ``model`` (ConfigError if unreachable; a dense
+    model has nothing to route: ``generate_routing`` handles it without a plan)."""
     cfg.validate()
     E, K = model.num_experts, model.top_k
+    require(E > 0, "model.num_experts", E, f"model {model.name} is dense: it has no routing to resolve")
     require(1 <= K <= E, "model.top_k", K, f"must be between 1 and num_experts={E}")
     require(E <= np.iinfo(np.int16).max, "model.num_experts", E, "must be <= 32767 (int16 ids)")
     popularity, reuse, affinity = FEATURES[cfg.kind]
@@ -379,7 +381,13 @@ def generate_routing(model: ModelSpec, cfg: RoutingConfig, token_counts: Sequenc
     are in order; temporal reuse runs along them and never crosses requests. All requests share
     the layers' popularity and affinity tables (drawn from ``rng`` first). Deterministic in
     (model, cfg, token_counts, rng state).
+
+    A dense model (``num_experts == 0``, no MoE layers) gets empty ``[n, 0, 0]`` arrays and
+    ``rng`` is not used.
     """
+    if model.num_moe_layers == 0 or model.num_experts == 0:
+        cfg.validate()
+        return [np.empty((int(c), 0, 0), dtype=np.int16) for c in _token_counts(token_counts)]
     plan = resolve_routing(model, cfg)
     counts = _token_counts(token_counts)
     E, K, M = model.num_experts, model.top_k, model.num_moe_layers

@@ -185,26 +185,40 @@ class PrefetchPolicy:
         return {}
 
 
-PREFETCH_POLICIES: dict[str, type[PrefetchPolicy]] = {}
+class Registry:
+    """Policies of one kind selectable by name (``policy/GROUP=NAME``): a class decorator to
+    register one, and a lookup that fails with a one-line error listing what exists."""
+
+    def __init__(self, group: str, label: str):
+        self.group, self.label = group, label
+        self.classes: dict[str, type] = {}
+
+    def register(self, name: str):
+        def deco(cls):
+            if name in self.classes:
+                raise ValueError(f"{self.label} policy {name!r} registered twice")
+            cls.name = name
+            self.classes[name] = cls
+            return cls
+
+        return deco
+
+    def get(self, name: str) -> type:
+        if name not in self.classes:
+            raise ConfigError(f"policy.{self.group}.name={name!r} is not a known {self.label} policy; "
+                              f"choose one of: {', '.join(sorted(self.classes))}")
+        return self.classes[name]
+
+
+PREFETCH_POLICIES = Registry("prefetch", "prefetch")
 
 
 def register_prefetch(name: str):
     """Class decorator: make a prefetch policy selectable as ``policy/prefetch=NAME``."""
-
-    def deco(cls: type[PrefetchPolicy]) -> type[PrefetchPolicy]:
-        if name in PREFETCH_POLICIES:
-            raise ValueError(f"prefetch policy {name!r} registered twice")
-        cls.name = name
-        PREFETCH_POLICIES[name] = cls
-        return cls
-
-    return deco
+    return PREFETCH_POLICIES.register(name)
 
 
 def prefetch_policy_class(name: str) -> type[PrefetchPolicy]:
     from . import prefetch  # noqa: F401  (registers the built-in policies)
 
-    if name not in PREFETCH_POLICIES:
-        raise ConfigError(f"policy.prefetch.name={name!r} is not a known prefetch policy; "
-                          f"choose one of: {', '.join(sorted(PREFETCH_POLICIES))}")
-    return PREFETCH_POLICIES[name]
+    return PREFETCH_POLICIES.get(name)
