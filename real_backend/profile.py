@@ -130,7 +130,7 @@ from .cli_util import OneLineParser as _Parser, run_cli
 PROG = "moesim-profile"
 OVERHEAD_PROMPT = 16           # prompt tokens per request in the executor-overhead runs
 CALIBRATION_LINK_BPS = 2e9     # CPU link cap of the copy_overhead runs (moesim-validate's default)
-DEFAULT_MODELS = ("mini_mixtral", "mini_qwen")
+DEFAULT_MODELS = ("mini_mixtral", "mini_qwen", "mini_draft")   # mini_draft: the speculation draft
 MB = 1 << 20
 
 
