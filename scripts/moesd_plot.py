@@ -10,8 +10,9 @@ to the published one.
     moesim -m +experiment=moesd_qwen2_2xh800 model.top_k=1,2,4,8      # the sparsity sweep
     python scripts/moesd_plot.py multirun/DATE/TIME [more sweeps ...] -o moesd.png
 
-Writes ``moesd.png`` (speedup and target efficiency against batch size) and ``moesd.csv`` (one row
-per run: setup, batch size, simulated speedup, TE, and the fitted model's prediction).
+Writes ``moesd.png`` (speedup and target efficiency against batch size), ``moesd.csv`` (one row
+per run: setup, batch size, simulated speedup, TE, and the fitted model's prediction) and
+``moesd_measurements.csv`` (the step times ``moesim-moesd fit`` takes, with a ``setup`` column).
 The fit uses every run of a setup (at least three batch sizes): ``target_1_s`` is the baseline's
 mean decode pass, ``target_gamma_s`` the mean verify pass, ``draft_s`` one draft step (the round's
 drafting divided by k), ``reject_s`` the rejection sampling per round.
@@ -59,6 +60,14 @@ def load(sweeps: list[Path]) -> pd.DataFrame:
     return df.sort_values(["setup", "batch_size"])
 
 
+def measurements(g: pd.DataFrame) -> pd.DataFrame:
+    """One setup's runs as ``moesim-moesd fit`` input (its columns, one row per batch size)."""
+    k = int(g.iloc[0]["spec_k"])
+    return pd.DataFrame({"batch_size": g["batch_size"].astype(int), "gamma": k,
+                         "target_1_s": g["baseline_decode_step_s"], "target_gamma_s": g["verify_step_s"],
+                         "draft_s": g["draft_round_s"] / k, "reject_s": g["reject_round_s"]})
+
+
 def fit_and_predict(g: pd.DataFrame) -> pd.Series:
     """MoESD's model fitted to one setup's runs; its predicted speedup per run (NaN if it cannot fit)."""
     from sim.config import compose_scenario
@@ -73,9 +82,7 @@ def fit_and_predict(g: pd.DataFrame) -> pd.Series:
     sc = compose_scenario(overrides)
     gpu = sc.hw.gpu
     k = int(first["spec_k"])
-    meas = pd.DataFrame({"batch_size": g["batch_size"].astype(int), "gamma": k,
-                         "target_1_s": g["baseline_decode_step_s"], "target_gamma_s": g["verify_step_s"],
-                         "draft_s": g["draft_round_s"] / k, "reject_s": g["reject_round_s"]})
+    meas = measurements(g)
     # A dense model is one expert that every token uses (N(t) = 1).
     params = fit(meas, max(1, sc.model.num_experts), max(1, sc.model.top_k), gpu.peak_flops / gpu.mem_bw_bps)
     pred = predict(params, g["batch_size"].astype(int).tolist(), k, float(first["spec_alpha"]))
@@ -126,8 +133,11 @@ def main(argv=None) -> int:
     cols = ["setup", "batch_size", "speedup", "target_efficiency", "spec_utility", "committed_tokens_per_round",
             "moesd_model_speedup", "tpot_s", "baseline_tpot_s"]
     df[[c for c in cols if c in df]].to_csv(args.output.with_suffix(".csv"), index=False)
+    meas_path = args.output.with_name(args.output.stem + "_measurements.csv")
+    pd.concat([measurements(g).assign(setup=setup) for setup, g in df.groupby("setup")]).to_csv(meas_path, index=False)
     print(pd.DataFrame(peaks).to_string(index=False))
-    print(f"wrote {args.output} and {args.output.with_suffix('.csv')}")
+    print(f"wrote {args.output}, {args.output.with_suffix('.csv')} and {meas_path} "
+          f"(moesim-moesd fit input, one setup per file after filtering on 'setup')")
     return 0
 
 
