@@ -59,6 +59,7 @@ class CostModel(Protocol):
     def copy_launch_s(self, link: LinkSpec, engine_idle: bool) -> float: ...
     def copy_resume_s(self, link: LinkSpec) -> float: ...
     def rejection_sampling_s(self, model: ModelSpec, positions: int) -> float: ...
+    def draft_pass_overhead_s(self, draft: ModelSpec) -> float: ...
 
 
 class Roofline:
@@ -141,6 +142,15 @@ class Roofline:
         memory-bound kernels."""
         row_bytes = positions * model.vocab_size * 4.0
         return self.elementwise_s(2 * row_bytes) + self.elementwise_s(3 * row_bytes)
+
+    def draft_pass_overhead_s(self, draft: ModelSpec) -> float:
+        """Extra time one pass of the draft model ``draft`` (speculative decoding, ``drafter=model``)
+        costs beyond its ops: none here. The roofline times the drafter's kernels from the device's
+        peaks like any model's (their launches are in ``kernel_launch_s``, the serving engine's host
+        time per pass is ``sim.pass_overhead_s``); what a measured table adds -- the draft running
+        with caches the target's verify pass just went through, and the executor's per-pass host
+        work of drafting -- is a measured effect with no analytic counterpart."""
+        return 0.0
 
     def copy_s(self, nbytes: float, link: LinkSpec) -> float:
         return link.transfer_s(nbytes)

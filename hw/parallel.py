@@ -32,7 +32,8 @@ wants to book communication separately.
 
 A host-run expert (Fiddler) is timed on the *full* expert: one host CPU computes what all GPUs'
 slices would, and its output joins the all-reduce. Rejection sampling (speculative decoding) runs
-once, over the full vocabulary, after the logits gather. Copies pass through unchanged (the bytes
+once, over the full vocabulary, after the logits gather; so does a draft model's per-pass overhead
+(``draft_pass_overhead_s``: the drafter runs unsharded). Copies pass through unchanged (the bytes
 an engine copies per GPU are the shard's ``expert_bytes``; every GPU copies its slice over its own
 host link at the same time).
 
@@ -165,6 +166,11 @@ class TensorParallelCost:
 
     def rejection_sampling_s(self, model: ModelSpec, positions: int) -> float:
         return self.inner.rejection_sampling_s(self.full(model), positions)
+
+    def draft_pass_overhead_s(self, draft: ModelSpec) -> float:
+        """Passed through unchanged: the drafter runs unsharded on one GPU (module docstring of
+        ``sim/speculation.py``), so ``inner`` is asked about the whole draft model."""
+        return self.inner.draft_pass_overhead_s(self.full(draft))
 
     def copy_s(self, nbytes: float, link: LinkSpec) -> float:
         return self.inner.copy_s(nbytes, link)

@@ -51,7 +51,13 @@ from a copy's end to the executor's thread running again when it was blocked wai
 
 Speculative decoding: ``rejection_sampling`` rows (vs verified positions, ``tokens``) give
 ``rejection_sampling_s``; a dense model (``num_experts: 0``, a drafter such as ``mini_draft``) has
-no expert, router or combine rows and costs 0 for those ops.
+no expert, router or combine rows and costs 0 for those ops. ``draft_pass_overhead`` (one row per
+draft model, measured by running the real executor's static speculation with that model drafting
+for a profiled target): what one drafter pass costs beyond what its op tables (``layer_overhead``
+included, which was calibrated running the model as a target) say -- the draft running with the
+caches the target's verify pass left, the executor's host work per draft pass (argmax, softmax,
+bookkeeping). ``draft_pass_overhead_s``; a residual like ``layer_overhead``, so it is kept signed
+(the drafter clamps each pass's total at 0); without the row (older profiles), 0.
 
 Host execution (``host_expert_s``): the ``host_expert`` rows a CUDA profile carries, or on a CPU
 profile the expert curve itself (the host *is* the device) plus the measured
@@ -193,6 +199,7 @@ class _ModelTables:
     prefill: Optional[Grid]
     copy_overhead_s: float = 0.0
     host_run_overhead_s: float = 0.0
+    draft_pass_overhead_s: float = 0.0
 
 
 class Table:
@@ -281,8 +288,12 @@ class Table:
         copy_overhead = max(0.0, float(r["median_s"].median())) if len(r) else 0.0
         r = rows[(rows["op"] == "host_run_overhead")]
         host_run_overhead = max(0.0, float(r["median_s"].median())) if len(r) else 0.0
+        r = rows[(rows["op"] == "draft_pass_overhead")]
+        draft_pass = float(r["median_s"].median()) if len(r) else 0.0   # signed: a residual
+        if not math.isfinite(draft_pass):
+            draft_pass = 0.0
         t = self._models[model.name] = _ModelTables(curves, grids["decode"], grids["prefill"], copy_overhead,
-                                                    host_run_overhead)
+                                                    host_run_overhead, draft_pass)
         return t
 
     # ------------------------------------------------------------------ CostModel
@@ -353,6 +364,10 @@ class Table:
             raise ConfigError(f"{self.key}={self.profile_dir} has no rejection_sampling measurements for "
                               f"model={model.name} (speculative decoding); re-run moesim-profile --models {model.name}")
         return curves["rejection_sampling"](positions)
+
+    def draft_pass_overhead_s(self, draft: ModelSpec) -> float:
+        """The ``draft_pass_overhead`` row of ``draft`` (module docstring; signed), 0 without it."""
+        return self._tables(draft).draft_pass_overhead_s
 
     def copy_s(self, nbytes: float, link: LinkSpec) -> float:
         analytic = link.transfer_s(nbytes)

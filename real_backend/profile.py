@@ -36,7 +36,8 @@ on the cached values):
 
 A dense model (``num_experts: 0``, e.g. ``mini_draft``, a speculative-decoding drafter) has no
 expert, router or combine rows and no copy or host-run calibration: its tables are the attention
-grids, ``dense_ffn``, ``embed``, ``lm_head``, ``rejection_sampling`` and ``layer_overhead``.
+grids, ``dense_ffn``, ``embed``, ``lm_head``, ``rejection_sampling``, ``layer_overhead`` and
+``draft_pass_overhead``.
 
 Each config runs ``warmup`` untimed passes, then passes until ``min_passes`` and a time budget are
 reached (at most ``max_passes``). A row keeps the median and the 10th/90th percentiles over all
@@ -71,6 +72,17 @@ synthetic requests with uniform routing, LRU; not any scenario that gets validat
   ms here) and from one copy's end to the next queued one's start (``phase=busy``, ~30 us);
   ``copy_resume``: from a copy's end to the executor's thread running again when it was blocked
   waiting for that copy (a futex wake-up).
+* ``draft_pass_overhead`` (dense models, i.e. speculative-decoding drafters; one row, after every
+  model of the run is profiled): what one pass of the draft model costs in the executor's
+  speculation rounds beyond what its op tables say (``layer_overhead`` included, which was
+  calibrated running the model as a target) -- it runs right after the target's verify pass, with
+  the caches that pass left, plus the executor's host work per draft pass (argmax, softmax,
+  bookkeeping). Runs of static speculation (``k`` = ``DRAFT_K``, ``alpha`` = ``DRAFT_ALPHA``,
+  ``draft_batches`` x ``draft_requests`` requests of ``OVERHEAD_PROMPT`` + ``DRAFT_OUTPUT_LEN``
+  tokens, uniform routing, every expert resident) with the model drafting for the first MoE model
+  of the run that shares its vocabulary (none: no row): per round, (measured ``draft_s`` - the
+  ``Drafter``'s time for the same passes from the tables so far) / passes; the median over rounds
+  (``Table.draft_pass_overhead_s``; signed, a residual).
 
 **Copies** (device-level, ``model`` empty): ``op=copy`` vs bytes, ``phase=idle`` and
 ``phase=contended`` (while a second thread runs expert FFNs of the first model on 8 tokens back
@@ -132,6 +144,8 @@ OVERHEAD_PROMPT = 16           # prompt tokens per request in the executor-overh
 CALIBRATION_LINK_BPS = 2e9     # CPU link cap of the copy_overhead runs (moesim-validate's default)
 DEFAULT_MODELS = ("mini_mixtral", "mini_qwen", "mini_draft")   # mini_draft: the speculation draft
 MB = 1 << 20
+DRAFT_OUTPUT_LEN = 12         # draft_pass_overhead runs: generated tokens per request ...
+DRAFT_K, DRAFT_ALPHA = 3, 0.6  # ... static K and acceptance
 
 
 @dataclass(frozen=True)
@@ -158,6 +172,9 @@ class Sweep:
     overhead_batches: tuple[int, ...]      # executor runs (every expert resident): decode batch sizes
     overhead_pairs: int                    # resident/offloaded executor run pairs for copy_overhead
     reject_tokens: tuple[int, ...] = (1, 2, 4, 8, 16, 32, 64)   # rejection sampling: verified positions
+    draft_batches: tuple[int, ...] = (1, 2)   # draft_pass_overhead runs: batch sizes ...
+    draft_requests: tuple[int, ...] = (3, 4)  # ... and requests of each run
+    draft_runs: int = 2                       # runs of each
 
 
 FULL = Sweep(
@@ -186,7 +203,7 @@ QUICK = Sweep(
     warmup=1, min_passes=2, max_passes=2, pass_budget_s=0.0,
     min_repeats=3, max_repeats=15, budget_s=0.03,
     kv_budget_bytes=0.5e9, copy_pool_bytes=64 * MB,
-    overhead_batches=(1, 8), overhead_pairs=1, reject_tokens=(1, 8, 64))
+    overhead_batches=(1, 8), overhead_pairs=1, reject_tokens=(1, 8, 64), draft_runs=1)
 
 
 # --------------------------------------------------------------------------- timing
@@ -627,6 +644,74 @@ class _Profiler:
         self.log(f"{spec.name}: executor overheads in {time.perf_counter() - t0:.1f} s"
                  + (f" (copy_overhead {np.median(per_copy) * 1e3:.3f} ms per copy)" if per_copy else ""))
 
+    def draft_overheads(self, draft: ModelSpec, target: ModelSpec) -> None:
+        """``draft_pass_overhead`` row of the dense model ``draft`` (module docstring): static
+        speculation on the real executor with ``draft`` drafting for ``target`` (both profiled in
+        this run), against what ``draft``'s tables say its passes take (``sim.speculation.Drafter``
+        over the rows measured so far, without this row)."""
+        from dataclasses import replace as _replace
+
+        from hw.table import Table
+        from sim.config import compose_scenario
+        from sim.speculation import Drafter
+
+        from .executor import RealExecutor, build_model_and_store
+
+        sw = self.sweep
+        t0 = time.perf_counter()
+
+        class Recording(RealExecutor):   # each round's (positions, drafts, k), in step order
+            def _draft_round(self, batch, rnd):
+                self.rounds.append(([r.pos for r in batch], list(rnd.drafts), rnd.k))
+                return super()._draft_round(batch, rnd)
+
+        def scenario(batch: int, requests: int):
+            sc = compose_scenario(["hw=this_cpu", "hw.cost_model=roofline", f"workload.batch_size={batch}",
+                                   f"workload.num_requests={requests}", f"workload.prompt_len={OVERHEAD_PROMPT}",
+                                   f"workload.output_len={DRAFT_OUTPUT_LEN}", "workload.routing=uniform",
+                                   "workload.lookahead_accuracy=null", "policy/prefetch=lru",
+                                   "policy/speculation=static", "policy.speculation.drafter=model",
+                                   "policy.speculation.draft_model=mini_draft",
+                                   f"policy.speculation.k={DRAFT_K}", f"policy.speculation.alpha={DRAFT_ALPHA}",
+                                   "sim.progress=false", f"seed={self.seed}"])
+            sc = _replace(sc, model=target, draft_model=draft)
+            if target.is_dense:
+                return sc
+            return _replace(sc, prefetch=_replace(sc.prefetch, capacity_per_layer=target.num_experts))
+
+        partial = pd.DataFrame(self.rows, columns=PROFILE_COLUMNS)
+        partial = partial[partial["model"] == draft.name].copy()
+        for c in ("model", "op", "phase"):
+            partial[c] = partial[c].fillna("").astype(str)
+        table = Table("(profiling)", loaded=({"device": self.device.type,
+                                              "models": {draft.name: model_signature(draft)}}, partial))
+        first = scenario(1, 1)
+        model, store = build_model_and_store(first, self.device, self.dtype)   # every expert resident
+        dmodel = MoEModel(draft, self.device, self.dtype, seed=self.seed + 1)
+        drafter = Drafter.build(first.speculation, target, draft, table)
+        per_pass: dict[int, list[float]] = {}
+        for b, n in zip(sw.draft_batches, sw.draft_requests):
+            for _ in range(sw.draft_runs):
+                ex = Recording(scenario(b, n), model=model, store=store, draft=dmodel, threads=self.threads)
+                ex.rounds = []
+                steps = ex.run().steps
+                real = steps.loc[steps["phase"] == "decode", "draft_s"].to_numpy(dtype=float)
+                if len(real) != len(ex.rounds):
+                    raise RuntimeError(f"calibration: {len(real)} decode passes but {len(ex.rounds)} rounds")
+                for (positions, drafts, k), t in zip(ex.rounds, real):
+                    passes = drafter.round_passes(drafts, k)
+                    if passes:
+                        per_pass.setdefault(b, []).append((t - drafter.round_s(positions, drafts, k)) / passes)
+        del model, store, dmodel
+        pooled = [v for vals in per_pass.values() for v in vals]
+        if not pooled:
+            self.log(f"{draft.name}: no draft passes ran; no draft_pass_overhead row")
+            return
+        self.add(draft.name, "draft_pass_overhead", _summary(pooled))
+        by_batch = ", ".join(f"B={b}: {np.median(v) * 1e3:.3f}" for b, v in sorted(per_pass.items()))
+        self.log(f"{draft.name}: draft_pass_overhead {np.median(pooled) * 1e3:.3f} ms per pass ({by_batch}; "
+                 f"drafting for {target.name}) in {time.perf_counter() - t0:.1f} s")
+
     def host_expert(self, spec: ModelSpec) -> None:
         """CUDA runs: one expert on the host CPU (float32), timed alone with the host's caches
         evicted before every call (a host-run expert's weights come from DRAM)."""
@@ -760,6 +845,16 @@ def run_profile(models: Sequence[str | ModelSpec], device: Optional[str] = None,
             if first_pool is None and model.experts:
                 first_pool = [model.experts[k] for k in sorted(model.experts)]
             del model
+        # Dense models (drafters): draft_pass_overhead, drafting for the first target of the run that
+        # shares their vocabulary (its tables and theirs exist by now).
+        for spec in specs:
+            if not spec.is_dense:
+                continue
+            target = next((t for t in specs if not t.is_dense and t.vocab_size == spec.vocab_size), None)
+            if target is None:
+                log(f"{spec.name}: no MoE target of its vocabulary profiled in this run; no draft_pass_overhead row")
+                continue
+            prof.draft_overheads(spec, target)
         t0 = time.perf_counter()
         prof.copies(sorted(sizes), first_pool)
         log(f"copies in {time.perf_counter() - t0:.1f} s")

@@ -38,6 +38,17 @@ at random, seeded: a wrong token routes anywhere, the pessimistic bound).
 
 Approximation: when a request accepted all ``k_r`` drafts, a real drafter also feeds its last
 draft in the next round's first pass; moesim does not charge that one extra token.
+
+Each pass of a draft *model* (``drafter=model``: the draft prefill, every round pass, the K=0
+keep-alive pass) also costs ``cost.draft_pass_overhead_s(draft)``: what a drafter pass costs
+beyond its ops (``Table``: measured by ``moesim-profile`` from real speculation runs -- the draft
+runs with the caches the target's verify pass left, plus the executor's host work per draft pass;
+``Roofline``: 0). The pass's total is clamped at 0 (the measured value is a signed residual).
+The other drafters do not get it: ``ngram`` runs no passes (a fixed ``ngram_lookup_s``); ``self``
+drafts through the target's own layers, whose tables were calibrated running the target; an
+``eagle`` head has no tables or calibration of its own (the real executor does not run one), so
+there is nothing measured to charge. ``sim.pass_overhead_s`` (the serving engine's host time per
+pass) is separate and added to every drafter pass as before.
 """
 
 from __future__ import annotations
@@ -147,8 +158,23 @@ class Drafter:
         return self.spec.kv_bytes_per_token if self.spec is not None and self.config.drafter != "self" else 0.0
 
     def _pass_s(self, shape: BatchShape, lm_positions: int) -> float:
-        return resident_forward_s(self.cost, self.spec, shape, lm_positions,
-                                  self.resident_experts_per_layer if self.config.drafter == "self" else None)
+        """One drafter pass on the device: its ops, plus (``drafter=model``) the cost model's
+        ``draft_pass_overhead_s``, the total clamped at 0 (module docstring)."""
+        ops = resident_forward_s(self.cost, self.spec, shape, lm_positions,
+                                 self.resident_experts_per_layer if self.config.drafter == "self" else None)
+        if self.config.drafter != "model":
+            return ops
+        return max(0.0, ops + self.cost.draft_pass_overhead_s(self.spec))
+
+    def round_passes(self, drafts: list[int], k: int) -> int:
+        """Drafter passes one round runs (``round_s``): ``max drafts``; with every draft zero, one
+        keep-alive pass if ``k == 0`` and ``draft_keeps_running``, else none. ``ngram``: 0."""
+        if self.spec is None:
+            return 0
+        kmax = max(drafts, default=0)
+        if kmax == 0:
+            return 1 if k == 0 and self.config.draft_keeps_running else 0
+        return kmax
 
     def prefill_s(self, prompt_lens: list[int]) -> float:
         if self.spec is None or self.config.drafter == "self":   # self: the target's prefill is the drafter's

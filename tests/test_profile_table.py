@@ -24,12 +24,13 @@ torch = pytest.importorskip("torch")
 from real_backend import profile as rp  # noqa: E402
 
 MODELS = ("mini_mixtral", "mini_qwen")
+DRAFT = "mini_draft"   # profiled too: its draft_pass_overhead, drafting for mini_mixtral
 
 
 @pytest.fixture(scope="module")
 def quick_profile(tmp_path_factory):
     out = tmp_path_factory.mktemp("profiles") / "cpu"
-    assert rp.main(["--device", "cpu", "--models", ",".join(MODELS), "-o", str(out), "--quick"]) == 0
+    assert rp.main(["--device", "cpu", "--models", ",".join(MODELS + (DRAFT,)), "-o", str(out), "--quick"]) == 0
     return out
 
 
@@ -46,14 +47,14 @@ def test_quick_profile_writes_well_formed_tables(quick_profile):
     np.testing.assert_allclose(csv["median_s"], rows["median_s"])
     assert header["device"] == "cpu" and header["torch_threads"] == 1 and header["quick"] is True
     assert header["torch_version"] == torch.__version__ and header["date"] and header["machine"] is not None
-    assert set(header["models"]) == set(MODELS)
+    assert set(header["models"]) == set(MODELS) | {DRAFT}
     assert (rows["device"] == "cpu").all() and (rows["threads"] == 1).all() and (rows["dtype"] == "float32").all()
     assert (rows["p10_s"] <= rows["median_s"]).all() and (rows["median_s"] <= rows["p90_s"]).all()
     # copy_overhead and host_run_overhead are differences of two runs' times (they may come out
     # slightly negative: noise; Table clips them at 0); layer_overhead is a residual against the op
     # tables (negative where ops run faster in the executor), but never more than a layer's
     # attention block takes.
-    timed = rows[~rows["op"].isin(["copy_overhead", "host_run_overhead", "layer_overhead"])]
+    timed = rows[~rows["op"].isin(["copy_overhead", "host_run_overhead", "layer_overhead", "draft_pass_overhead"])]
     residual = rows[rows["op"] == "layer_overhead"]
     attn = rows[(rows["op"] == "attention")]["median_s"]
     assert residual["median_s"].map(np.isfinite).all() and (residual["median_s"] > -attn.max()).all()
@@ -73,6 +74,15 @@ def test_quick_profile_writes_well_formed_tables(quick_profile):
     for m in MODELS:   # speculative decoding's rejection sampling, per target (its vocabulary)
         rej = rows[(rows["model"] == m) & (rows["op"] == "rejection_sampling")]
         assert sorted(rej["tokens"]) == list(rp.QUICK.reject_tokens) and (rej["median_s"] > 0).all()
+    # The dense draft: one draft_pass_overhead row (a residual per drafter pass, measured from real
+    # speculation runs drafting for mini_mixtral; finite, and far below a whole draft pass).
+    dpo = rows[rows["op"] == "draft_pass_overhead"]
+    assert list(dpo["model"]) == [DRAFT] and dpo["median_s"].map(np.isfinite).all()
+    draft_pass = rows.loc[(rows["model"] == DRAFT) & (rows["op"] == "attention") & (rows["phase"] == "decode"),
+                          "median_s"].max() * 10
+    assert abs(float(dpo["median_s"].iloc[0])) < draft_pass and (dpo["repeats"] > 0).all()
+    assert Table(quick_profile).draft_pass_overhead_s(compose_scenario([f"model={DRAFT}"]).model) == float(
+        dpo["median_s"].iloc[0])
     copies = rows[rows["op"] == "copy"]
     assert set(copies["phase"]) == {"idle", "contended"} and (copies["model"] == "").all()
     # Each model's expert size is one of the measured copy sizes.
@@ -285,7 +295,8 @@ def test_dense_draft_model_profiles_and_simulates_speculation(tmp_path):
     rp.run_profile([target, draft], "cpu", tmp_path, sweep=tiny)
     rows = pd.read_parquet(tmp_path / "profile.parquet")
     dense_ops = set(rows.loc[rows["model"] == "tiny_draft", "op"])
-    assert {"attention", "dense_ffn", "embed", "lm_head", "layer_overhead", "rejection_sampling"} <= dense_ops
+    assert {"attention", "dense_ffn", "embed", "lm_head", "layer_overhead", "rejection_sampling",
+            "draft_pass_overhead"} <= dense_ops   # drafting for tiny_target (same vocabulary)
     assert not dense_ops & {"expert", "router", "combine", "copy_overhead", "host_run_overhead"}
     table = Table(tmp_path)
     table.check(draft)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import numpy as np
 import pytest
 
@@ -200,6 +202,76 @@ def test_pass_overhead_is_charged_once_per_target_and_draft_pass():
     k_r = c["draft_tokens"]                          # batch 1: drafts of the one request
     expected = np.where(dec, 0.002 * (1 + k_r), 0.002 * 2)
     assert np.allclose(d["duration_s"] - c["duration_s"], expected)
+
+
+def _synthetic_table(draft, overhead_s=None):
+    """A ``Table`` over hand-made rows for the dense ``draft`` (constant op times), with a
+    ``draft_pass_overhead`` row of ``overhead_s`` unless None."""
+    import pandas as pd
+
+    from hw.table import PROFILE_COLUMNS, Table, model_signature
+
+    def row(op, median_s, phase="", tokens=None, batch=None, context=None):
+        return {"device": "cpu", "model": draft.name, "op": op, "phase": phase, "tokens": tokens, "batch": batch,
+                "context": context, "bytes": None, "median_s": median_s, "p10_s": median_s, "p90_s": median_s,
+                "repeats": 3, "threads": 1, "dtype": "float32"}
+
+    rows = [row("embed", 1e-5, tokens=1), row("lm_head", 2e-5, tokens=1, batch=1), row("dense_ffn", 3e-5, tokens=1),
+            row("attention", 4e-5, "decode", tokens=1, batch=1, context=64),
+            row("attention", 4e-5, "prefill", tokens=16, batch=1, context=16)]
+    if overhead_s is not None:
+        rows.append(row("draft_pass_overhead", overhead_s))
+    header = {"device": "cpu", "models": {draft.name: model_signature(draft)}}
+    return Table("(test)", loaded=(header, pd.DataFrame(rows, columns=PROFILE_COLUMNS)))
+
+
+def test_draft_pass_overhead_is_charged_once_per_draft_model_pass():
+    """Table reads the draft_pass_overhead row (signed; 0 without it) and the model drafter adds it
+    once per pass: a round of k passes grows by exactly k times the row, the draft prefill and the
+    keep-alive pass by it once; a pass's total never goes below 0; the roofline charges 0, and
+    tensor parallelism passes it through."""
+    from hw.cost import Roofline
+    from hw.parallel import TensorParallelCost
+    from sim.speculation import Drafter
+
+    sc = compose_scenario(["policy/speculation=static", "policy.speculation.draft_model=mini_draft",
+                           "policy.speculation.k=3"])
+    draft, target, cfg = sc.draft_model, sc.model, sc.speculation
+    v = 2.5e-4
+    plain, with_row = _synthetic_table(draft), _synthetic_table(draft, v)
+    assert plain.draft_pass_overhead_s(draft) == 0.0 and with_row.draft_pass_overhead_s(draft) == v
+    assert _synthetic_table(draft, -1e-5).draft_pass_overhead_s(draft) == -1e-5   # a residual: kept signed
+    a, b = Drafter.build(cfg, target, draft, plain), Drafter.build(cfg, target, draft, with_row)
+    positions = [20, 31]
+    for drafts, k in (([3, 3], 3), ([3, 1], 3), ([2, 0], 3), ([1, 1], 1)):
+        passes = max(drafts)
+        assert b.round_passes(drafts, k) == passes
+        assert b.round_s(positions, drafts, k) - a.round_s(positions, drafts, k) == pytest.approx(passes * v, abs=1e-15)
+    assert b.prefill_s([16, 16]) - a.prefill_s([16, 16]) == pytest.approx(v, abs=1e-15)
+    # K=0 keeping the draft cache current: one pass; every request at its end: nothing.
+    keep = Drafter.build(replace(cfg, draft_keeps_running=True), target, draft, with_row)
+    keep0 = Drafter.build(replace(cfg, draft_keeps_running=True), target, draft, plain)
+    assert keep.round_passes([0, 0], 0) == 1 and keep.round_passes([0, 0], 3) == 0
+    assert keep.round_s(positions, [0, 0], 0) - keep0.round_s(positions, [0, 0], 0) == pytest.approx(v, abs=1e-15)
+    assert keep.round_s(positions, [0, 0], 3) == 0.0
+    # Clamped: a (noisy) negative row larger than the ops leaves a pass at 0, not below.
+    neg = Drafter.build(cfg, target, draft, _synthetic_table(draft, -1.0))
+    assert neg.round_s(positions, [3, 3], 3) == 0.0 and neg.prefill_s([16]) == 0.0
+    # The engine's own pass overhead stays separate and is added on top.
+    c = Drafter.build(cfg, target, draft, with_row, pass_overhead_s=1e-3)
+    assert c.round_s(positions, [3, 3], 3) - b.round_s(positions, [3, 3], 3) == pytest.approx(3e-3)
+    # Only the model drafter: SpecMoE's self drafting through the target is not charged.
+    self_cfg = replace(cfg, drafter="self")
+    self_cost = type("WithDraftOverhead", (Roofline,), {"draft_pass_overhead_s": lambda s, d: 1.0})(
+        sc.hw.gpu, sc.hw.cpu)
+    assert (Drafter.build(self_cfg, target, None, self_cost).round_s(positions, [3, 3], 3)
+            == Drafter.build(self_cfg, target, None, Roofline(sc.hw.gpu, sc.hw.cpu)).round_s(positions, [3, 3], 3))
+    # Roofline: 0 (module docstring of hw/cost.py); TP: the inner model's answer about the whole draft.
+    assert Roofline(sc.hw.gpu, sc.hw.cpu).draft_pass_overhead_s(draft) == 0.0
+    from hw.devices import LinkSpec
+
+    tp = TensorParallelCost(with_row, 2, LinkSpec("nvlink", "nvlink", 1e11))   # the draft is not split
+    assert tp.draft_pass_overhead_s(draft) == v
 
 
 def test_draft_model_weights_come_off_the_expert_budget():
