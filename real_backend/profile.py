@@ -396,6 +396,18 @@ class _Profiler:
                           "batch": batch, "context": context, "bytes": nbytes, **result,
                           "threads": self.threads, "dtype": str(self.dtype).replace("torch.", "")})
 
+    def tables_so_far(self, spec: ModelSpec):
+        """``hw.table.Table`` over the rows measured so far for ``spec`` (calibration runs simulate
+        with it)."""
+        from hw.table import Table
+
+        partial = pd.DataFrame(self.rows, columns=PROFILE_COLUMNS)
+        partial = partial[partial["model"] == spec.name].copy()
+        for c in ("model", "op", "phase"):
+            partial[c] = partial[c].fillna("").astype(str)
+        return Table("(profiling)", loaded=({"device": self.device.type,
+                                             "models": {spec.name: model_signature(spec)}}, partial))
+
     # ------------------------------------------------------------------ model ops inside passes
     def model_ops(self, spec: ModelSpec) -> MoEModel:
         """Time every op of ``spec`` inside forward passes of the whole model (module docstring)."""
@@ -585,16 +597,10 @@ class _Profiler:
         # (not against the executor's own op timers): ops run slower inside the executor than in
         # the op passes above (a larger working set: host store plus slot pool, Python between
         # ops), and the simulator, which only knows the tables, must be charged that too.
-        from hw.table import Table
         from sim.engine import Engine
         from workloads.requests import build_requests
 
-        partial = pd.DataFrame(self.rows, columns=PROFILE_COLUMNS)
-        partial = partial[partial["model"] == spec.name].copy()
-        for c in ("model", "op", "phase"):
-            partial[c] = partial[c].fillna("").astype(str)
-        ops_table = Table("(profiling)", loaded=({"device": self.device.type,
-                                                   "models": {spec.name: model_signature(spec)}}, partial))
+        ops_table = self.tables_so_far(spec)
         samples: dict[int, list[float]] = {}
         for b in sw.overhead_batches:
             sc = scenario(b, 2 * b, 6, E)
@@ -651,7 +657,6 @@ class _Profiler:
         over the rows measured so far, without this row)."""
         from dataclasses import replace as _replace
 
-        from hw.table import Table
         from sim.config import compose_scenario
         from sim.speculation import Drafter
 
@@ -679,12 +684,7 @@ class _Profiler:
                 return sc
             return _replace(sc, prefetch=_replace(sc.prefetch, capacity_per_layer=target.num_experts))
 
-        partial = pd.DataFrame(self.rows, columns=PROFILE_COLUMNS)
-        partial = partial[partial["model"] == draft.name].copy()
-        for c in ("model", "op", "phase"):
-            partial[c] = partial[c].fillna("").astype(str)
-        table = Table("(profiling)", loaded=({"device": self.device.type,
-                                              "models": {draft.name: model_signature(draft)}}, partial))
+        table = self.tables_so_far(draft)
         first = scenario(1, 1)
         model, store = build_model_and_store(first, self.device, self.dtype)   # every expert resident
         dmodel = MoEModel(draft, self.device, self.dtype, seed=self.seed + 1)
