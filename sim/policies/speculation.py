@@ -208,12 +208,7 @@ class Cascade(SpeculationPolicy):
         if self.phase != "baseline" and self.since_baseline >= self.config.baseline_refresh_iterations \
                 and not self._samples:
             self.phase, self._resume = "baseline", self.phase
-        if self.phase == "baseline":
-            k = 0
-        elif self.phase == "test":
-            k = self._k
-        else:
-            k = self._k
+        k = 0 if self.phase == "baseline" else self._k
         self.k_history.append(k)
         return k
 
@@ -285,6 +280,6 @@ class Cascade(SpeculationPolicy):
         self._k = nxt
 
     def report(self) -> dict:
-        ks = [k for k in self.k_history]
+        ks = self.k_history
         return {"policy_mean_k": sum(ks) / len(ks) if ks else None,
                 "policy_k_zero_share": sum(1 for k in ks if k == 0) / len(ks) if ks else None}
