@@ -14,16 +14,34 @@ and an operation as the sum of its kernels:
 * router = router GEMM + a top-k/softmax kernel over ``tokens * num_experts`` logits;
 * expert FFN for ``n`` tokens = gate_up GEMM + SwiGLU kernel + down GEMM (weights read once);
 * combine = one kernel that reads each token's ``top_k`` expert outputs and writes the sum.
+
+How the routed experts are launched is the serving engine's choice (``hw.moe_kernels``):
+``per_expert`` (default) launches each active expert's three kernels on its own, as a PyTorch loop
+over experts and the offloading engines do (and as the real executor does); ``fused`` runs a layer's
+experts as grouped GEMMs, as vLLM's ``fused_moe`` Triton kernel does (``moe_align_block_size``,
+``fused_moe`` for w13, the activation, ``fused_moe`` for w2): an expert's ops then carry no launch of
+their own and the layer pays ``FUSED_MOE_KERNELS`` launches once, booked with its combine (vLLM's
+``moe_sum``). The bytes and FLOPs are the same either way.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Protocol
+from typing import Literal, Protocol
 
 from workloads.model import Gemm, ModelSpec
+from workloads.validation import require
 
 from .devices import CpuSpec, GpuSpec, LinkSpec
+
+MoeKernels = Literal["per_expert", "fused"]
+MOE_KERNEL_CHOICES = ("per_expert", "fused")
+FUSED_MOE_KERNELS = 4   # vLLM fused_moe per layer: moe_align_block_size, w13 GEMM, activation, w2 GEMM
+
+
+def check_moe_kernels(value: str, key: str = "hw.moe_kernels") -> None:
+    """A one-line ConfigError unless ``value`` is one of ``MOE_KERNEL_CHOICES``."""
+    require(value in MOE_KERNEL_CHOICES, key, value, f"must be one of {', '.join(MOE_KERNEL_CHOICES)}")
 
 
 @dataclass(frozen=True)
@@ -65,30 +83,37 @@ class CostModel(Protocol):
 class Roofline:
     """Analytic cost model from a device spec's peaks and efficiency factors."""
 
-    def __init__(self, gpu: GpuSpec, cpu: CpuSpec):
+    def __init__(self, gpu: GpuSpec, cpu: CpuSpec, moe_kernels: MoeKernels = "per_expert"):
+        check_moe_kernels(moe_kernels)
         self.gpu = gpu
         self.cpu = cpu
+        self.moe_kernels = moe_kernels
+        fused = moe_kernels == "fused"
+        self._expert_launch_s = 0.0 if fused else gpu.kernel_launch_s      # per kernel of one expert
+        self._moe_layer_launch_s = FUSED_MOE_KERNELS * gpu.kernel_launch_s if fused else 0.0  # per MoE layer
         self._flops_per_s = gpu.peak_flops * gpu.flops_efficiency
         self._bytes_per_s = gpu.mem_bw_bps * gpu.mem_efficiency
         self._cpu_flops_per_s = cpu.peak_flops * cpu.flops_efficiency
         self._cpu_bytes_per_s = cpu.dram_bw_bps * cpu.mem_efficiency
 
     # -------------------------------------------------------------- kernels
-    def kernel_s(self, flops: float, nbytes: float) -> float:
-        """One GPU kernel: the slower of its compute and its memory traffic, plus launch."""
-        return max(flops / self._flops_per_s, nbytes / self._bytes_per_s) + self.gpu.kernel_launch_s
+    def kernel_s(self, flops: float, nbytes: float, launch_s: float | None = None) -> float:
+        """One GPU kernel: the slower of its compute and its memory traffic, plus its launch
+        (``gpu.kernel_launch_s`` unless ``launch_s`` says otherwise)."""
+        launch = self.gpu.kernel_launch_s if launch_s is None else launch_s
+        return max(flops / self._flops_per_s, nbytes / self._bytes_per_s) + launch
 
-    def gemm_s(self, g: Gemm, act_bytes_per_elem: float) -> float:
+    def gemm_s(self, g: Gemm, act_bytes_per_elem: float, launch_s: float | None = None) -> float:
         nbytes = g.weight_bytes + (g.m * g.k + g.m * g.n) * act_bytes_per_elem
-        return self.kernel_s(g.flops, nbytes)
+        return self.kernel_s(g.flops, nbytes, launch_s)
 
-    def elementwise_s(self, nbytes: float) -> float:
+    def elementwise_s(self, nbytes: float, launch_s: float | None = None) -> float:
         """A memory-bound kernel moving ``nbytes`` (reads + writes)."""
-        return self.kernel_s(0.0, nbytes)
+        return self.kernel_s(0.0, nbytes, launch_s)
 
     # -------------------------------------------------------------- operations
-    def _gemms_s(self, model: ModelSpec, gemms: list[Gemm]) -> float:
-        return sum(self.gemm_s(g, model.act_bytes_per_elem) for g in gemms)
+    def _gemms_s(self, model: ModelSpec, gemms: list[Gemm], launch_s: float | None = None) -> float:
+        return sum(self.gemm_s(g, model.act_bytes_per_elem, launch_s) for g in gemms)
 
     def attention_block_s(self, model: ModelSpec, batch: BatchShape) -> float:
         act = model.act_bytes_per_elem
@@ -103,12 +128,16 @@ class Roofline:
         topk = self.elementwise_s(tokens * model.num_experts * 4.0)  # fp32 logits
         return self.gemm_s(model.router_gemm(tokens), model.act_bytes_per_elem) + topk
 
-    def _ffn_s(self, model: ModelSpec, gemms: list[Gemm], tokens: int, intermediate: int) -> float:
-        swiglu = self.elementwise_s(3 * tokens * intermediate * model.act_bytes_per_elem)
-        return self._gemms_s(model, gemms) + swiglu
+    def _ffn_s(self, model: ModelSpec, gemms: list[Gemm], tokens: int, intermediate: int,
+               launch_s: float | None = None) -> float:
+        swiglu = self.elementwise_s(3 * tokens * intermediate * model.act_bytes_per_elem, launch_s)
+        return self._gemms_s(model, gemms, launch_s) + swiglu
 
     def expert_s(self, model: ModelSpec, tokens: int) -> float:
-        return self._ffn_s(model, model.expert_gemms(tokens), tokens, model.expert_intermediate_size)
+        """One routed expert for ``tokens`` tokens; with ``moe_kernels=fused`` without launches
+        (the layer's fused kernels are launched once, in ``combine_s``)."""
+        return self._ffn_s(model, model.expert_gemms(tokens), tokens, model.expert_intermediate_size,
+                           self._expert_launch_s)
 
     def shared_experts_s(self, model: ModelSpec, tokens: int) -> float:
         if not model.num_shared_experts:
@@ -119,7 +148,10 @@ class Roofline:
         return self._ffn_s(model, model.dense_ffn_gemms(tokens), tokens, model.dense_intermediate_size)
 
     def combine_s(self, model: ModelSpec, tokens: int) -> float:
-        return self.elementwise_s((model.top_k + 1) * tokens * model.hidden_size * model.act_bytes_per_elem)
+        """The weighted sum of each token's expert outputs; with ``moe_kernels=fused`` also the
+        launches of the layer's fused expert kernels."""
+        nbytes = (model.top_k + 1) * tokens * model.hidden_size * model.act_bytes_per_elem
+        return self.elementwise_s(nbytes) + self._moe_layer_launch_s
 
     def embed_s(self, model: ModelSpec, tokens: int) -> float:
         return self.elementwise_s(2 * tokens * model.hidden_size * model.act_bytes_per_elem)

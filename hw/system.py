@@ -22,6 +22,7 @@ import networkx as nx
 
 from workloads.validation import positive, require
 
+from .cost import check_moe_kernels
 from .devices import CpuSpec, GpuSpec, LinkSpec
 
 HOST = "host"
@@ -48,9 +49,14 @@ class SystemSpec:
                                           # experts run on the compute stream, not beside it
     tensor_parallel: int = 1              # GPUs the model is split across (vLLM --tensor-parallel-size);
                                           # > 1 needs gpu_link, whose all-reduces hw.parallel times
+    moe_kernels: Literal["per_expert", "fused"] = "per_expert"  # how the roofline launches routed experts:
+                                          # one expert at a time, or vLLM's fused_moe (hw/cost.py)
 
     def validate(self, key: str = "hw") -> None:
         positive(self, key, "num_gpus")
+        check_moe_kernels(self.moe_kernels, f"{key}.moe_kernels")
+        require(self.moe_kernels == "per_expert" or self.cost_model == "roofline", f"{key}.moe_kernels",
+                self.moe_kernels, f"applies to cost_model=roofline; a table times the kernels it measured")
         if self.cost_model == "table":
             from .table import PROFILE_HEADER
 

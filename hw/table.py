@@ -395,4 +395,4 @@ def cost_model_for(hw, model: ModelSpec) -> CostModel:
         table = Table(hw.profile_dir, host_link=hw.host_link, copy_phase=getattr(hw, "profile_copy", "idle"))
         table.check(model)
         return table
-    return Roofline(hw.gpu, hw.cpu)
+    return Roofline(hw.gpu, hw.cpu, getattr(hw, "moe_kernels", "per_expert"))

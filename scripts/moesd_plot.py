@@ -10,7 +10,8 @@ to the published one.
     moesim -m +experiment=moesd_qwen2_2xh800 model.top_k=1,2,4,8      # the sparsity sweep
     python scripts/moesd_plot.py multirun/DATE/TIME [more sweeps ...] -o moesd.png
 
-Writes ``moesd.png`` (speedup and target efficiency against batch size), ``moesd.csv`` (one row
+Writes ``moesd.png`` (speedup and target efficiency against batch size; a star marks the published
+peak's height at the simulated peak's batch size), ``moesd.csv`` (one row
 per run: setup, batch size, simulated speedup, TE, and the fitted model's prediction) and
 ``moesd_measurements.csv`` (the step times ``moesim-moesd fit`` takes, with a ``setup`` column).
 The fit uses every run of a setup (at least three batch sizes): ``target_1_s`` is the baseline's
@@ -26,14 +27,7 @@ from pathlib import Path
 
 import pandas as pd
 
-# Published peak speedups (HumanEval, T=0, gamma=4; REFERENCE.md section 1), by (model, hw).
-PUBLISHED_PEAK = {
-    ("qwen2_57b_a14b", "2xh800"): 2.29,
-    ("qwen2_57b_a14b", "2xa800"): 2.18,
-    ("mixtral_8x7b", "2xa800"): 1.79,
-    ("qwen2_57b_a14b", "4xa800"): 2.08,
-    ("qwen2_57b_a14b", "4xl40"): 2.25,
-}
+from sim.moesd import PUBLISHED_PEAKS
 
 
 def load(sweeps: list[Path]) -> pd.DataFrame:
@@ -104,7 +98,7 @@ def main(argv=None) -> int:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(13, 5))
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(13, 7))
     peaks = []
     for i, (setup, g) in enumerate(df.groupby("setup")):
         color = f"C{i % 10}"
@@ -114,7 +108,10 @@ def main(argv=None) -> int:
                      label=f"{setup} (MoESD model fit)")
         ax2.plot(g["batch_size"], g["target_efficiency"], "o-", color=color, label=setup)
         best = g.loc[g["speedup"].idxmax()]
-        pub = PUBLISHED_PEAK.get((best["model"], best["hw"])) if not best["top_k"] else None
+        pub = PUBLISHED_PEAKS.get((best["model"], best["hw"])) if not best["top_k"] else None
+        if pub:   # MoESD gives the peak's height; drawn at the simulated peak's batch size
+            ax1.plot([best["batch_size"]], [pub], "*", color=color, ms=13, mec="black",
+                     label=f"{setup} (published peak)")
         peaks.append({"setup": setup, "peak_batch_size": int(best["batch_size"]),
                       "sim_peak_speedup": round(float(best["speedup"]), 3),
                       "published_peak_speedup": pub,
@@ -125,8 +122,8 @@ def main(argv=None) -> int:
         ax.set_ylabel(ylabel)
         ax.grid(True, alpha=0.3)
     ax1.axhline(1.0, color="grey", lw=0.8)
-    ax1.legend(fontsize=7)
-    ax2.legend(fontsize=7)
+    ax1.legend(fontsize=7, loc="upper center", bbox_to_anchor=(0.5, -0.12), ncol=2)   # below: the curves need the room
+    ax2.legend(fontsize=7, loc="upper center", bbox_to_anchor=(0.5, -0.12), ncol=2)
     fig.tight_layout()
     args.output.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(args.output, dpi=120)

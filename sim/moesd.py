@@ -58,6 +58,16 @@ from workloads.validation import ConfigError, build, require
 PROG = "moesim-moesd"
 EXIT_BAD_INPUT = 2
 
+# MoESD's published peak speedups (HumanEval, T=0, gamma=4; REFERENCE.md section 1), by (model, hw)
+# as moesim names them; what scripts/moesd_plot.py and scripts/moesd_calibrate.py compare against.
+PUBLISHED_PEAKS = {
+    ("qwen2_57b_a14b", "2xh800"): 2.29,
+    ("qwen2_57b_a14b", "2xa800"): 2.18,
+    ("mixtral_8x7b", "2xa800"): 1.79,
+    ("qwen2_57b_a14b", "4xa800"): 2.08,
+    ("qwen2_57b_a14b", "4xl40"): 2.25,
+}
+
 #: measurement columns ``fit`` needs (seconds, except batch_size and gamma)
 MEASUREMENT_COLUMNS = ("batch_size", "gamma", "target_1_s", "target_gamma_s", "draft_s", "reject_s")
 #: ``predict`` output columns, in order

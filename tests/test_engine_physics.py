@@ -25,8 +25,10 @@ def gemm(m: int, n: int, k: int) -> float:
     return kernel(2 * m * n * k, 2 * (n * k + m * k + m * n))
 
 
-def olmoe_decode_step_by_hand(ctx: int) -> float:
-    """Batch-1 decode pass of OLMoE with every expert resident, written out op by op."""
+def olmoe_decode_step_by_hand(ctx: int, fused_moe: bool = False) -> float:
+    """Batch-1 decode pass of OLMoE with every expert resident, written out op by op.
+    ``fused_moe``: vLLM's fused_moe launches a layer's experts as 4 kernels (align, w13, activation,
+    w2) instead of 3 per expert; the experts' bytes and FLOPs are unchanged."""
     norm = kernel(0, 2 * H * 2)
     qkv = gemm(1, (NH + 2 * NH) * HD, H)
     o = gemm(1, H, NH * HD)
@@ -35,6 +37,9 @@ def olmoe_decode_step_by_hand(ctx: int) -> float:
     router = gemm(1, E, H) + kernel(0, E * 4)
     expert = gemm(1, 2 * I, H) + kernel(0, 3 * I * 2) + gemm(1, H, I)
     combine = kernel(0, (K + 1) * H * 2)
+    if fused_moe:
+        expert -= 3 * LAUNCH
+        combine += 4 * LAUNCH
     embed = kernel(0, 2 * H * 2)
     lm_head = kernel(0, 2 * H * 2) + gemm(1, V, H)
     return embed + L * (attention + router + K * expert + combine) + lm_head
@@ -48,8 +53,9 @@ def olmoe(*overrides: str):
     return compose_scenario(["model=olmoe_1b_7b", "hw=h100_sxm", "sim.progress=false", *overrides])
 
 
-def test_all_resident_decode_step_equals_roofline_sum_by_hand():
-    sc = olmoe("policy.prefetch.capacity_per_layer=64")
+@pytest.mark.parametrize("moe_kernels", ["per_expert", "fused"])
+def test_all_resident_decode_step_equals_roofline_sum_by_hand(moe_kernels):
+    sc = olmoe("policy.prefetch.capacity_per_layer=64", f"hw.moe_kernels={moe_kernels}")
     rng = np.random.default_rng(1)
     rows = np.stack([np.stack([rng.permutation(E)[:K] for _ in range(L)]) for _ in range(6)])
     res = Engine(sc, [request(0, rows, prompt_len=3)]).run()
@@ -57,7 +63,20 @@ def test_all_resident_decode_step_equals_roofline_sum_by_hand():
     assert len(decode) == 3
     assert (decode.misses == 0).all() and (decode.h2d_bytes == 0).all()
     for ctx, duration in zip([4, 5, 6], decode.duration_s):
-        assert duration == pytest.approx(olmoe_decode_step_by_hand(ctx), rel=1e-12)
+        assert duration == pytest.approx(olmoe_decode_step_by_hand(ctx, moe_kernels == "fused"), rel=1e-12)
+
+
+def test_fused_moe_saves_the_launches_of_all_but_four_kernels_per_layer():
+    """8 active experts per layer: fused saves (3 * 8 - 4) launches in each of the 16 layers."""
+    per_expert, fused = olmoe_decode_step_by_hand(10), olmoe_decode_step_by_hand(10, fused_moe=True)
+    assert per_expert - fused == pytest.approx(L * (3 * K - 4) * LAUNCH, rel=1e-9)
+
+
+def test_fused_moe_needs_the_roofline():
+    from workloads.validation import ConfigError
+
+    with pytest.raises(ConfigError, match="hw.moe_kernels"):
+        compose_scenario(["hw=this_cpu", "hw.profile_dir=tests", "hw.moe_kernels=fused"])
 
 
 def test_lone_miss_costs_bytes_over_bandwidth_plus_latency():

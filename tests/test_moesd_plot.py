@@ -2,9 +2,6 @@
 
 from __future__ import annotations
 
-import importlib.util
-from pathlib import Path
-
 import pandas as pd
 import pytest
 
@@ -12,24 +9,14 @@ from sim.cli import write_outputs
 from sim.config import compose_scenario
 from sim.engine import simulate
 
-SCRIPT = Path(__file__).resolve().parents[1] / "scripts" / "moesd_plot.py"
-
-
-def _load():
-    spec = importlib.util.spec_from_file_location("moesd_plot", SCRIPT)
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
-
-
-def test_plot_script_gathers_fits_and_reports_peaks(tmp_path):
+def test_plot_script_gathers_fits_and_reports_peaks(tmp_path, load_script):
     sweep = tmp_path / "sweep"
     for i, b in enumerate((1, 8, 32, 128)):
         sc = compose_scenario(["+experiment=moesd_qwen2_2xh800", f"workload.batch_size={b}", "workload.output_len=24",
                                "workload.prompt_len=64"])
         write_outputs(simulate(sc), sweep / str(i))
     out = tmp_path / "moesd.png"
-    assert _load().main([str(sweep), "-o", str(out)]) == 0
+    assert load_script("moesd_plot").main([str(sweep), "-o", str(out)]) == 0
     runs = pd.read_csv(out.with_suffix(".csv"))
     assert sorted(runs["batch_size"]) == [1, 8, 32, 128] and runs["moesd_model_speedup"].notna().all()
     meas = pd.read_csv(tmp_path / "moesd_measurements.csv")
@@ -37,8 +24,8 @@ def test_plot_script_gathers_fits_and_reports_peaks(tmp_path):
     assert (meas["gamma"] == 4).all() and out.stat().st_size > 0
 
 
-def test_plot_script_refuses_runs_without_speculation(tmp_path):
+def test_plot_script_refuses_runs_without_speculation(tmp_path, load_script):
     sc = compose_scenario(["workload.num_requests=1", "workload.output_len=4", "sim.progress=false"])
     write_outputs(simulate(sc), tmp_path / "sweep" / "0")
     with pytest.raises(SystemExit, match="without speculation"):
-        _load().main([str(tmp_path / "sweep"), "-o", str(tmp_path / "x.png")])
+        load_script("moesd_plot").main([str(tmp_path / "sweep"), "-o", str(tmp_path / "x.png")])
