@@ -9,6 +9,7 @@ from sim.cli import write_outputs
 from sim.config import compose_scenario
 from sim.engine import simulate
 
+
 def test_plot_script_gathers_fits_and_reports_peaks(tmp_path, load_script):
     sweep = tmp_path / "sweep"
     for i, b in enumerate((1, 8, 32, 128)):
