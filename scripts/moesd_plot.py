@@ -1,13 +1,15 @@
 """Speculative decoding on MoE against batch size, as MoESD (arXiv 2505.19645) plots it.
 
 Gathers one or more ``moesim -m +experiment=moesd_*`` sweeps (each a ``multirun/DATE/TIME``
-folder), and for every setup in them (model, hw, top-k, drafter) plots the simulated speedup of
+folder), and for every setup in them (model, hw, drafter, top-k, gamma) plots the simulated speedup of
 speculative decoding against batch size, with MoESD's analytical model (``sim/moesd.py``) fitted to
 the same runs' step times drawn next to it. Also prints (and writes as CSV) each setup's peak next
 to the published one.
 
     moesim -m +experiment=moesd_qwen2_2xh800
     moesim -m +experiment=moesd_qwen2_2xh800 model.top_k=1,2,4,8      # the sparsity sweep
+    moesim -m +experiment=moesd_qwen2_2xh800 policy.speculation.k=2,3,4 \
+        policy.speculation.sigma=null policy.speculation.alpha=0.947   # gamma 2..4, the drafter's alpha fixed
     python scripts/moesd_plot.py multirun/DATE/TIME [more sweeps ...] -o moesd.png
 
 Writes ``moesd.png`` (speedup and target efficiency against batch size; a star marks the published
@@ -51,6 +53,8 @@ def load(sweeps: list[Path]) -> pd.DataFrame:
     df["top_k"] = top_k.fillna("").astype(str)
     df["setup"] = df["model"] + " " + df["hw"] + " " + df["drafter"].astype(str) + \
         df["top_k"].map(lambda k: f" top-k={k}" if k else "")
+    if df["spec_k"].nunique() > 1:   # a gamma sweep (policy.speculation.k=2,3,4): one curve per gamma
+        df["setup"] = df["setup"] + df["spec_k"].map(lambda k: f" gamma={int(k)}")
     return df.sort_values(["setup", "batch_size"])
 
 
@@ -108,7 +112,8 @@ def main(argv=None) -> int:
                      label=f"{setup} (MoESD model fit)")
         ax2.plot(g["batch_size"], g["target_efficiency"], "o-", color=color, label=setup)
         best = g.loc[g["speedup"].idxmax()]
-        pub = PUBLISHED_PEAKS.get((best["model"], best["hw"])) if not best["top_k"] else None
+        published_setup = not best["top_k"] and int(best["spec_k"]) == 4   # the published peaks are at gamma 4
+        pub = PUBLISHED_PEAKS.get((best["model"], best["hw"])) if published_setup else None
         if pub:   # MoESD gives the peak's height; drawn at the simulated peak's batch size
             ax1.plot([best["batch_size"]], [pub], "*", color=color, ms=13, mec="black",
                      label=f"{setup} (published peak)")
