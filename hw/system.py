@@ -22,7 +22,7 @@ import networkx as nx
 
 from workloads.validation import positive, require
 
-from .cost import check_moe_kernels
+from .cost import MoeKernels, check_moe_kernels
 from .devices import CpuSpec, GpuSpec, LinkSpec
 
 HOST = "host"
@@ -49,7 +49,7 @@ class SystemSpec:
                                           # experts run on the compute stream, not beside it
     tensor_parallel: int = 1              # GPUs the model is split across (vLLM --tensor-parallel-size);
                                           # > 1 needs gpu_link, whose all-reduces hw.parallel times
-    moe_kernels: Literal["per_expert", "fused"] = "per_expert"  # how the roofline launches routed experts:
+    moe_kernels: MoeKernels = "per_expert"  # how the roofline launches routed experts:
                                           # one expert at a time, or vLLM's fused_moe (hw/cost.py)
 
     def validate(self, key: str = "hw") -> None:

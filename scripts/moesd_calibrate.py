@@ -6,8 +6,9 @@ is swept over its own batch sizes (the preset's ``hydra.sweeper.params``) once p
 A preset's simulated peak falls as the overhead grows (every speculative round runs k + 1 passes where
 plain decoding runs one), so for each preset there is one overhead that reproduces its published
 peak (``match_ms``). The calibrated constant is the one overhead that minimises the summed squared
-relative peak error over all presets (``least_squares_ms``); ``leave_one_out`` refits it without each
-preset in turn and reports that preset's peak error as a prediction it took no part in.
+relative peak error over all presets (printed last; ``error_pct`` is each preset's peak error at it);
+``leave_one_out_ms`` refits it without each preset in turn and ``leave_one_out_error_pct`` is that
+preset's peak error there, a prediction it took no part in.
 
     python scripts/moesd_calibrate.py                          # all presets, 3..8 ms in 0.5 ms steps
     python scripts/moesd_calibrate.py --overheads-ms 4,4.5,5,5.5,6 --jobs 2 -o calibration.csv
