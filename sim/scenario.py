@@ -11,7 +11,7 @@ from typing import Any, Literal, Mapping, Optional, Union
 
 from hw.system import SystemSpec
 from workloads.model import ModelSpec
-from workloads.requests import WorkloadConfig
+from workloads.requests import WorkloadConfig, synthetic_request_count
 from workloads.validation import ConfigError, build, require
 
 from .policies.base import PrefetchConfig, prefetch_policy_class
@@ -70,7 +70,8 @@ class Scenario:
             "tensor_parallel": self.hw.tensor_parallel,
             "workload": self.workload.kind,
             "batch_size": self.workload.batch_size,
-            "num_requests": self.workload.num_requests,
+            "num_requests": (synthetic_request_count(self.workload) if self.workload.kind == "synthetic"
+                             else self.workload.num_requests),
             "prompt_len": self.workload.prompt_len,
             "output_len": self.workload.output_len,
             "routing": self.workload.routing if self.workload.kind == "synthetic" else None,

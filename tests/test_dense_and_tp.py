@@ -77,7 +77,7 @@ def test_opt_30b_layer_shapes():
      r"model\.expert_intermediate_size=128 is invalid; must be 0 for a dense model"),
     (["model=opt_350m", "model.dense_intermediate_size=0"],
      r"model\.dense_intermediate_size=0 is invalid; must be > 0 for a dense model"),
-    (["model=opt_350m", "+model.dense_layers=[0,1]"],
+    (["model=opt_350m", "model.dense_layers=[0,1]"],
      r"model\.dense_layers=\[0, 1\] is invalid; a dense model \(num_experts=0\) has every layer dense"),
     (["model=opt_350m", "model.num_experts=-1"], r"model\.num_experts=-1 is invalid; must be >= 1"),
     # an MoE model with zero experts / zero top-k is still refused
@@ -85,8 +85,8 @@ def test_opt_30b_layer_shapes():
     (["model=mixtral_8x7b", "model.top_k=0"], r"model\.top_k=0 is invalid; must be > 0"),
     (["model=mixtral_8x7b", "model.expert_intermediate_size=0"],
      r"model\.expert_intermediate_size=0 is invalid; must be > 0"),
-    (["model=mixtral_8x7b", "+model.dense_layers=[0,1,2,3,4,5,6,7,8,9,10,11,12,13,14,15,16,17,18,19,20,21,"
-      "22,23,24,25,26,27,28,29,30,31]", "+model.dense_intermediate_size=14336"],
+    (["model=mixtral_8x7b", "model.dense_layers=[0,1,2,3,4,5,6,7,8,9,10,11,12,13,14,15,16,17,18,19,20,21,"
+      "22,23,24,25,26,27,28,29,30,31]", "model.dense_intermediate_size=14336"],
      r"at least one layer must be an MoE layer \(for a dense model set num_experts=0\)"),
 ])
 def test_bad_dense_or_moe_shapes_are_one_line_errors(overrides, match):
@@ -96,7 +96,7 @@ def test_bad_dense_or_moe_shapes_are_one_line_errors(overrides, match):
 
 
 def test_listing_every_layer_dense_is_accepted():
-    m = model("qwen2_0_5b", f"+model.dense_layers=[{','.join(map(str, range(24)))}]")
+    m = model("qwen2_0_5b", f"model.dense_layers=[{','.join(map(str, range(24)))}]")
     assert m == model("qwen2_0_5b")
 
 
@@ -285,7 +285,7 @@ def test_tp_ops_are_the_shard_plus_collectives():
 @pytest.mark.parametrize("overrides,match", [
     (["hw=2xh800", "hw.tensor_parallel=3"], r"hw\.tensor_parallel=3 is invalid; must be between 1 and hw\.num_gpus=2"),
     (["hw=2xh800", "hw.tensor_parallel=0"], r"hw\.tensor_parallel=0 is invalid; must be between 1"),
-    (["hw=h100_sxm", "+hw.tensor_parallel=2"],
+    (["hw=h100_sxm", "hw.tensor_parallel=2"],
      r"hw\.tensor_parallel=2 is invalid; must be between 1 and hw\.num_gpus=1"),
     (["hw=2xh800", "hw.tensor_parallel=two"], r"hw\.tensor_parallel='two' is invalid; expected an integer"),
 ])

@@ -11,7 +11,7 @@ from sim.config import compose_scenario
 from sim.engine import simulate
 from sim.policies.speculation import Cascade, RoundResult, SpecContext, SpeculationConfig
 from sim.speculation import verify_shape
-from workloads.acceptance import AcceptanceConfig, AcceptanceSampler
+from workloads.acceptance import AcceptanceConfig, AcceptanceSampler, alpha_from_sigma
 from workloads.validation import ConfigError
 
 NGRAM = ["policy.speculation.drafter=ngram", "policy.speculation.ngram_lookup_s=0", "sim.progress=false",
@@ -184,6 +184,20 @@ def test_sigma_sets_alpha_as_moesd_defines_it():
     assert cfg.expected_committed(4) == pytest.approx(4.5)
     with pytest.raises(ConfigError):
         compose_scenario(["policy/speculation=static", "policy.speculation.drafter=ngram", "policy.speculation.sigma=0.1"])
+
+
+def test_alpha_and_sigma_together_are_refused_not_silently_resolved():
+    # static.yaml sets alpha=0.8; a sigma given on top of it used to win silently.
+    base = ["policy/speculation=static", "policy.speculation.drafter=ngram"]
+    with pytest.raises(ConfigError, match="alpha=null"):
+        compose_scenario(base + ["policy.speculation.sigma=0.9"])
+    sc = compose_scenario(base + ["policy.speculation.sigma=0.9", "policy.speculation.alpha=null"])
+    assert sc.speculation.iid_alpha == pytest.approx(alpha_from_sigma(0.9, 4))
+    with pytest.raises(ConfigError, match="needs alpha"):
+        compose_scenario(base + ["policy.speculation.alpha=null"])
+    # the MoESD presets give sigma alone
+    assert compose_scenario(["+experiment=moesd_qwen2_2xh800"]).speculation.iid_alpha == pytest.approx(
+        alpha_from_sigma(0.9, 4))
 
 
 # ------------------------------------------------------------------------------------------ drafters, TP, presets

@@ -42,12 +42,13 @@ class AcceptanceConfig:
     """The acceptance part of ``policy.speculation`` (see the module docstring)."""
 
     acceptance: Literal["iid", "per_position", "replay"] = "iid"
-    alpha: float = 0.8                                 # iid: per-token acceptance rate
+    alpha: Optional[float] = 0.8                       # iid: per-token acceptance rate (null: given another way)
     position_alphas: Optional[tuple[float, ...]] = None  # per_position: P(accept j | accepted 1..j-1)
     accept_lengths: Optional[tuple[int, ...]] = None   # replay: recorded accepted drafts per round
 
     def validate(self, key: str = "policy.speculation") -> None:
-        require(0.0 <= self.alpha <= 1.0, f"{key}.alpha", self.alpha, "must be in [0, 1]")
+        if self.alpha is not None:
+            require(0.0 <= self.alpha <= 1.0, f"{key}.alpha", self.alpha, "must be in [0, 1]")
         if self.acceptance == "per_position":
             require(bool(self.position_alphas), f"{key}.position_alphas", self.position_alphas,
                     "acceptance=per_position needs a non-empty list of probabilities in [0, 1]")

@@ -13,6 +13,7 @@ token positions (the last generated token is never fed back).
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 from typing import Literal, Optional
 
@@ -28,7 +29,9 @@ class WorkloadConfig:
 
     kind: Literal["synthetic", "trace"] = "synthetic"
     batch_size: int = 1                 # maximum requests decoded together (continuous batching)
-    num_requests: Optional[int] = 8     # synthetic: how many; trace: first N requests (null = all)
+    # synthetic: how many (null = max(8, 2 x batch_size), so a batch always fills); trace: the
+    # first N requests (null = all)
+    num_requests: Optional[int] = None
     prompt_len: int = 128
     output_len: int = 64
     length_dist: Literal["fixed", "uniform"] = "fixed"
@@ -67,7 +70,9 @@ class WorkloadConfig:
             require(0.0 <= self.lookahead_accuracy <= 1.0, f"{key}.lookahead_accuracy", self.lookahead_accuracy,
                     "must be in [0, 1] or null")
         if self.kind == "trace":
-            require(bool(self.path), f"{key}.path", self.path, "set it to a router-trace Parquet file")
+            if not self.path:
+                raise ConfigError(f"{key}.path is required with workload=trace; add {key}.path=FILE "
+                                  f"(a router-trace Parquet file)")
         require(self.prompt_len <= self.max_prefill_tokens, f"{key}.prompt_len", self.prompt_len,
                 f"must be <= workload.max_prefill_tokens={self.max_prefill_tokens}")
 
@@ -94,6 +99,56 @@ class Request:
             raise ConfigError(
                 f"request {self.request_id}: routing has {self.experts.shape[0]} token positions, "
                 f"expected prompt_len + output_len - 1 = {expected}")
+
+
+MIN_DEFAULT_REQUESTS = 8   # synthetic workloads with num_requests=null: at least this many
+
+
+def synthetic_request_count(cfg: WorkloadConfig) -> int:
+    """Requests a synthetic workload builds: ``num_requests``, or max(8, 2 x batch_size) when null
+    (twice the batch so that full batches run and requests also arrive into running batches)."""
+    if cfg.num_requests is not None:
+        return cfg.num_requests
+    return max(MIN_DEFAULT_REQUESTS, 2 * cfg.batch_size)
+
+
+def routing_bytes_estimate(cfg: WorkloadConfig, model: ModelSpec) -> float:
+    """Bytes a synthetic workload's routing takes in memory: every token's top-k ids at every MoE
+    layer as int16 (``workloads.synthetic``), twice with gate-lookahead predictions, plus ~2 KB of
+    Python objects per request. An upper bound for ``length_dist=uniform``."""
+    n = synthetic_request_count(cfg)
+    stretch = 1.0 + (cfg.length_spread if cfg.length_dist == "uniform" else 0.0)
+    tokens = n * (min(cfg.prompt_len * stretch, cfg.max_prefill_tokens) + cfg.output_len * stretch)
+    copies = 2 if cfg.lookahead_accuracy is not None else 1
+    return tokens * model.num_moe_layers * model.top_k * 2 * copies + 2048.0 * n
+
+
+def available_memory_bytes() -> Optional[float]:
+    """Memory this machine can still give (``MemAvailable`` of /proc/meminfo), None if unknown."""
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return float(line.split()[1]) * 1024
+    except OSError:
+        pass
+    try:
+        return float(os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE"))
+    except (ValueError, OSError, AttributeError):
+        return None
+
+
+def check_fits_in_memory(cfg: WorkloadConfig, model: ModelSpec, key: str = "workload") -> None:
+    """Refuse, with the estimate, a synthetic workload whose routing would not fit in memory."""
+    need = routing_bytes_estimate(cfg, model)
+    tokens_each = cfg.prompt_len + cfg.output_len
+    have = available_memory_bytes()
+    if have is not None and need > 0.8 * have:
+        raise ConfigError(
+            f"{key}.num_requests={synthetic_request_count(cfg)} needs about {need / 1e9:.3g} GB for its routing "
+            f"(up to {tokens_each:.0f} tokens each x {model.num_moe_layers} MoE layers x top-{model.top_k} "
+            f"expert ids), "
+            f"more than the {have / 1e9:.3g} GB available; use fewer or shorter requests")
 
 
 def _lengths(base: int, n: int, cfg: WorkloadConfig, rng: np.random.Generator) -> np.ndarray:
@@ -127,7 +182,8 @@ def build_requests(cfg: WorkloadConfig, model: ModelSpec, seed: int) -> list[Req
 
     from .synthetic import RoutingConfig, generate_routing, lookahead_predictions
 
-    n = cfg.num_requests or 1
+    check_fits_in_memory(cfg, model)
+    n = synthetic_request_count(cfg)
     prompt = _lengths(cfg.prompt_len, n, cfg, rng)
     output = _lengths(cfg.output_len, n, cfg, rng)
     prompt = np.minimum(prompt, cfg.max_prefill_tokens)

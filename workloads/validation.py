@@ -10,6 +10,7 @@ key, the offending value and what is allowed, in one line.
 from __future__ import annotations
 
 import dataclasses
+import math
 import types
 import typing
 from collections.abc import Mapping
@@ -83,16 +84,19 @@ def _convert(value: Any, tp: Any, key: str) -> Any:
             return int(value)
         raise ConfigError(f"{key}={value!r} is invalid; expected an integer")
     if tp is float:
-        if isinstance(value, bool):
-            raise ConfigError(f"{key}={value!r} is invalid; expected a number")
-        if isinstance(value, (int, float)):
-            return float(value)
-        if isinstance(value, str):
+        number = None
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            number = float(value)
+        elif isinstance(value, str):
             try:
-                return float(value)  # YAML 1.1 reads '80e9' as a string
+                number = float(value)  # YAML 1.1 reads '80e9' as a string
             except ValueError:
                 pass
-        raise ConfigError(f"{key}={value!r} is invalid; expected a number")
+        if number is None:
+            raise ConfigError(f"{key}={value!r} is invalid; expected a number")
+        if not math.isfinite(number):   # no rate, bandwidth, size or time of moesim is infinite or NaN
+            raise ConfigError(f"{key}={value!r} is invalid; expected a finite number")
+        return number
     if tp is str:
         if isinstance(value, str):
             return value

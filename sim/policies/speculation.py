@@ -75,6 +75,11 @@ class SpeculationConfig(AcceptanceConfig):
             require(self.acceptance == "iid", f"{key}.sigma", self.sigma, "applies to acceptance=iid only")
             require(1.0 / (self.k + 1) <= self.sigma <= 1.0, f"{key}.sigma", self.sigma,
                     f"must be in [1/(k+1), 1] = [{1.0 / (self.k + 1):.4f}, 1] for k={self.k}")
+            require(self.alpha is None, f"{key}.sigma", self.sigma,
+                    f"replaces alpha (alpha is solved from sigma at k), but {key}.alpha={self.alpha} is set "
+                    f"too; give one: add {key}.alpha=null, or drop sigma")
+        elif self.acceptance == "iid":
+            require(self.alpha is not None, f"{key}.alpha", None, "acceptance=iid needs alpha (or sigma)")
         if self.name == "specmoe" or self.drafter == "self":
             require(self.name == "specmoe" and self.drafter == "self", f"{key}.drafter", self.drafter,
                     "drafter=self is SpecMoE's drafting and policy/speculation=specmoe drafts only with it")
