@@ -39,6 +39,19 @@ def _pct(series: pd.Series, q: float) -> float:
     return float(np.percentile(s, q)) if len(s) else float("nan")
 
 
+def full_batch(rows: pd.DataFrame, decode: pd.DataFrame | None = None) -> pd.DataFrame:
+    """The rows at the largest batch size of ``decode`` (default: of ``rows`` themselves)."""
+    ref = rows if decode is None else decode
+    return rows[rows["batch_size"] == ref["batch_size"].max()] if len(ref) else rows
+
+
+def _round_times(drafted: pd.DataFrame) -> dict[str, float]:
+    """Mean verify pass (a drafting round minus its drafting and rejection sampling), drafting and
+    rejection-sampling time per drafting round."""
+    return {"verify_step": _mean(drafted["duration_s"] - drafted["draft_s"] - drafted["reject_s"]),
+            "draft_round": _mean(drafted["draft_s"]), "reject_round": _mean(drafted["reject_s"])}
+
+
 def summarize(steps: pd.DataFrame, requests: pd.DataFrame) -> dict[str, Any]:
     """Summary metrics (summary.json's keys, DESIGN.md) computed from the records alone.
 
@@ -59,6 +72,13 @@ def summarize(steps: pd.DataFrame, requests: pd.DataFrame) -> dict[str, Any]:
     verify_step_s (mean decode pass minus its drafting and rejection sampling: the target's
     T_T(B, K)), draft_round_s and reject_round_s (mean drafting and rejection-sampling time per
     drafting round), draft_s, reject_s (totals over the run, prefill drafting included).
+
+    Full batch: ``full_batch_size`` is the largest decode batch of the run (``workload.batch_size``
+    whenever the workload can fill it) and ``decode_step_full_batch_s`` the mean decode pass at that
+    batch; with speculation, ``verify_step_full_batch_s``, ``draft_round_full_batch_s`` and
+    ``reject_round_full_batch_s`` are the same means over the drafting rounds at that batch. The
+    tail of a run, where only a few stragglers are left, has smaller batches; MoESD's target
+    efficiency is defined at one batch size, so it is computed from these (``speculation_gains``).
     """
     prefetches = float(steps["prefetches"].sum())
     useful = float(steps["useful_prefetches"].sum())
@@ -82,6 +102,8 @@ def summarize(steps: pd.DataFrame, requests: pd.DataFrame) -> dict[str, Any]:
         "iterations": int(len(steps)),
         "simulated_time_s": float(steps["end_s"].max()) if len(steps) else 0.0,
         "decode_step_s": _mean(decode["duration_s"]),
+        "full_batch_size": int(decode["batch_size"].max()) if len(decode) else None,
+        "decode_step_full_batch_s": _mean(full_batch(decode)["duration_s"]),
         "expert_hit_rate": float(steps["hits"].sum()) / accesses if accesses else float("nan"),
         "h2d_bytes": float(steps["h2d_bytes"].sum()),
         "demand_bytes": float(steps["demand_bytes"].sum()),
@@ -106,9 +128,8 @@ def summarize(steps: pd.DataFrame, requests: pd.DataFrame) -> dict[str, Any]:
             "acceptance_rate": float(drafted["accepted_tokens"].sum() / drafted["draft_tokens"].sum()),
             "accepted_tokens_per_round": float(drafted["accepted_tokens"].sum() / drafted["drafting_requests"].sum()),
             "committed_tokens_per_round": float(decode["committed_tokens"].sum() / decode["batch_size"].sum()),
-            "verify_step_s": _mean(drafted["duration_s"] - drafted["draft_s"] - drafted["reject_s"]),
-            "draft_round_s": _mean(drafted["draft_s"]),
-            "reject_round_s": _mean(drafted["reject_s"]),
+            **{f"{name}_s": value for name, value in _round_times(drafted).items()},
+            **{f"{name}_full_batch_s": value for name, value in _round_times(full_batch(drafted, decode)).items()},
             "draft_s": float(steps["draft_s"].sum()),
             "reject_s": float(steps["reject_s"].sum()),
         })

@@ -372,3 +372,20 @@ def test_specmoe_drafts_through_resident_experts_and_moves_no_weights():
     assert first["draft_s"] <= full                  # fewer distinct experts than an unrestricted pass
     with pytest.raises(ConfigError, match="drafter=self"):
         compose_scenario(["policy/speculation=specmoe", "policy.speculation.drafter=ngram"])
+
+
+def test_target_efficiency_is_measured_at_the_full_batch():
+    # MoESD's TE = T_T(B, 1) / T_T(B, gamma) at one batch size B. The tail rounds of a run carry
+    # only the stragglers (here batches of 6 and 1 after six rounds of 16), whose cheap verify
+    # passes used to be averaged in (TE 1.011 at batch 32 on this preset, which is impossible).
+    res = simulate(compose_scenario(["+experiment=moesd_qwen2_2xh800", "workload.batch_size=16",
+                                     "workload.output_len=24", "workload.prompt_len=32"]))
+    s, steps = res.summary, res.steps
+    drafted = steps[(steps.phase == "decode") & (steps.draft_tokens > 0)]
+    assert s["full_batch_size"] == 16 and (drafted.batch_size < 16).any()
+    full = drafted[drafted.batch_size == 16]
+    verify = (full.duration_s - full.draft_s - full.reject_s).mean()
+    assert s["verify_step_full_batch_s"] == pytest.approx(verify, rel=1e-12)
+    assert s["target_efficiency"] == pytest.approx(s["baseline_decode_step_full_batch_s"] / verify, rel=1e-12)
+    # a verify pass carries 5 positions per request, a plain pass 1: it cannot be the cheaper one
+    assert s["target_efficiency"] < 1.0
