@@ -2,12 +2,15 @@
 
     moesim-capture --model PATH --prompts FILE -o OUT.parquet [--max-new-tokens N]
                    [--predict lookahead] [--device cpu|cuda] [--dtype bfloat16|float32] [--ignore-eos]
+                   [--force]
 
 Prompts: a text file with one prompt per non-blank line, or a ``.jsonl``/``.ndjson`` file of
 objects with a ``prompt`` field. Model and tokenizer load from PATH only (``local_files_only``:
 nothing is downloaded). Each prompt runs alone: prefill, then greedy decoding of up to N tokens
 (stopping at an end-of-sequence token unless ``--ignore-eos``). The trace (``workloads.trace``
-schema) is written atomically to OUT; see ``real_backend.capture`` for what is recorded.
+schema) is written atomically to OUT; see ``real_backend.capture`` for what is recorded. OUT is
+never the prompts file nor a file in the model directory, and an existing OUT is replaced only
+with ``--force`` (both checked before anything loads).
 
 Bad input (a missing path, a model that is not a supported MoE, an unknown option value) prints one
 line ``moesim-capture: error: ...`` on stderr, exits with status 2 and writes nothing.
@@ -20,6 +23,7 @@ import sys
 from pathlib import Path
 from typing import Optional, Sequence
 
+from workloads.io import FORCE_HELP, check_outputs
 from workloads.validation import ConfigError
 from .cli_util import OneLineParser as _Parser, run_cli
 
@@ -45,10 +49,12 @@ def build_parser() -> argparse.ArgumentParser:
                    help="default: bfloat16 on cuda, float32 on cpu")
     p.add_argument("--ignore-eos", action="store_true",
                    help="always generate --max-new-tokens tokens (do not stop at end-of-sequence)")
+    p.add_argument("--force", action="store_true", help=FORCE_HELP)
     return p
 
 
 def _run(args: argparse.Namespace) -> int:
+    check_outputs([("-o", args.output)], [("--model", args.model), ("--prompts", args.prompts)], args.force)
     if args.max_new_tokens < 0:
         raise ConfigError(f"--max-new-tokens={args.max_new_tokens} is invalid; must be >= 0")
     try:
@@ -62,8 +68,6 @@ def _run(args: argparse.Namespace) -> int:
     prompts = cap.read_prompts(args.prompts)
     cap.load_config(args.model)
     out = Path(args.output)
-    if out.is_dir():
-        raise ConfigError(f"-o {out} is a directory; give a file name such as trace.parquet")
     device = cap.resolve_device(args.device)
     dtype = cap.resolve_dtype(args.dtype, device)
     token_ids = cap.tokenize(cap.load_tokenizer(args.model), prompts)

@@ -59,6 +59,10 @@ replays it) and the simulator replays exactly that. Repeats that choose differen
 kernels) are reported. Policies that need the routing before a pass (``oracle``, ``pregated``,
 ``speculating``, ``lookahead``) are refused.
 
+OUT must be missing or empty unless ``--force`` (which writes into it, replacing files of the same
+names); it is never an input's directory (``--profile-dir``, ``--checkpoint``, ``workload.path``).
+Both are checked before anything runs.
+
 Bad input prints one line ``moesim-validate: error: ...`` on stderr and exits with status 2.
 """
 
@@ -79,6 +83,7 @@ from typing import Callable, Optional, Sequence
 import numpy as np
 import pandas as pd
 
+from workloads.io import FORCE_HELP_DIR, check_outputs
 from workloads.validation import ConfigError
 from .cli_util import OneLineParser as _Parser, run_cli
 
@@ -498,6 +503,29 @@ def format_accuracy(acc: pd.DataFrame) -> str:
 
 # ------------------------------------------------------------------------------------ CLI
 
+#: what a validation (or a sweep) writes into OUT: top-level names (glob patterns)
+OUTPUT_NAMES = ("comparison.csv", "iterations.csv", "real_repeats.csv", "sim_timeline.json",
+                "real_timeline.json", "scatter.png", "validation.json", "free_running_trace.parquet",
+                "torch_profile_*.json", "sim", "real", "cells", "accuracy.csv")
+#: overrides whose values are files or directories the run reads
+INPUT_KEYS = ("workload.path", "hw.profile_dir")
+
+
+def check_output_dir(out: Path, args: argparse.Namespace) -> None:
+    """Refuse (ConfigError, one line), before anything runs: an OUT that exists and is not empty,
+    unless ``--force``; with or without it, an OUT that is one of the run's inputs
+    (``--profile-dir``, ``--checkpoint``, ``workload.path=``, ``hw.profile_dir=``) or holds one at a
+    name validation writes (``OUTPUT_NAMES``)."""
+    inputs = [("--profile-dir", args.profile_dir), ("--checkpoint", args.checkpoint)]
+    for o in list(args.overrides) + list(args.sweep or ()):
+        key, _, value = o.partition("=")
+        key = key.lstrip("+~")
+        if key in INPUT_KEYS:
+            inputs += [(key, v.strip()) for v in (value.split(",") if o in (args.sweep or ()) else [value])
+                       if v.strip()]
+    check_outputs((), inputs, args.force, dirs=[("-o", out, OUTPUT_NAMES)])
+
+
 
 def build_parser() -> argparse.ArgumentParser:
     p = _Parser(prog=PROG, description="Run the real executor and the simulator (measured cost tables) on the same "
@@ -515,6 +543,7 @@ def build_parser() -> argparse.ArgumentParser:
                    "simulator replays what it chose (written to OUT/free_running_trace.parquet)")
     p.add_argument("--checkpoint", default=None, metavar="DIR", help="real model weights from a local safetensors "
                    "checkpoint directory (Hugging Face Mixtral names) instead of random ones")
+    p.add_argument("--force", action="store_true", help=FORCE_HELP_DIR)
     return p
 
 
@@ -529,6 +558,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                 raise ConfigError(f"{o} is not an override; expected KEY=VALUE")
         out = Path(args.output) if args.output else Path("validation") / _dt.datetime.now().strftime(
             "%Y-%m-%d-%H-%M-%S")
+        check_output_dir(out, args)
         if args.sweep:
             acc = run_sweep(args.overrides, args.sweep, args.repeats, args.profile_dir, out, args.device, log,
                             free_running=args.free_running, checkpoint=args.checkpoint)

@@ -34,7 +34,8 @@ geometric progression of the three values before ``...`` up to ``z``. From Pytho
 
 Bad input (missing columns, a non-positive batch size, alpha outside [0, 1], an unreadable file)
 prints one line ``moesim-moesd: error: ...``, exits with status 2 and writes nothing; outputs are
-written atomically (a temporary file renamed into place).
+written atomically (a temporary file renamed into place). ``-o`` never names the command's input,
+and an existing ``-o`` file is replaced only with ``--force``.
 """
 
 from __future__ import annotations
@@ -51,7 +52,7 @@ import numpy as np
 import pandas as pd
 from scipy.optimize import least_squares, nnls
 
-from workloads.io import atomic_write
+from workloads.io import FORCE_HELP, atomic_write, check_outputs
 from workloads.model import expected_active_experts
 from workloads.validation import ConfigError, build, require
 
@@ -578,6 +579,7 @@ PARAM_UNITS = {"num_experts": "", "top_k": "", "ridge_point": "FLOP/byte", "s": 
 
 
 def _cmd_fit(args) -> int:
+    check_outputs([("-o", args.output)], [("MEASUREMENTS", args.measurements)], args.force)
     params = fit(read_measurements(args.measurements), args.num_experts, args.top_k, args.ridge_point)
     write_params(args.output, params)
     for key, value in params.to_dict().items():
@@ -590,6 +592,7 @@ def _cmd_fit(args) -> int:
 
 
 def _cmd_predict(args) -> int:
+    check_outputs([("-o", args.output)], [("PARAMS.json", args.params)], args.force)
     params = read_params(args.params)
     table = predict(params, parse_batch_sizes(args.batch_sizes), args.gamma, args.alpha)
     if args.output:
@@ -607,9 +610,13 @@ def _cmd_predict(args) -> int:
     return 0
 
 
+DESCRIPTION = ("MoESD's analytical speedup model of speculative decoding for MoE (arXiv 2505.19645): "
+               "fit its forward-time model to measured step times, then predict speedup and target "
+               "efficiency against batch size (see sim/moesd.py).")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = _OneLineParser(prog=PROG, description=__doc__.splitlines()[0],
-                            formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = _OneLineParser(prog=PROG, description=DESCRIPTION)
     subs = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     f = subs.add_parser("fit", help="fit MoESD's forward-time model to measured times",
                         description="Fit MoESD's forward-time model (Alg. 1) to measured step times "
@@ -622,6 +629,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="peak FLOP/s / peak bytes/s of the device (FLOP/byte), e.g. 295 for H800")
     f.add_argument("-o", "--output", type=Path, required=True, metavar="PARAMS.json",
                    help="where to write the fitted parameters (atomically)")
+    f.add_argument("--force", action="store_true", help=FORCE_HELP)
     f.set_defaults(func=_cmd_fit)
     p = subs.add_parser("predict", help="predict speedup and target efficiency against batch size",
                         description="Predict times, sigma, target efficiency and speedup per batch size.")
@@ -631,6 +639,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--gamma", type=int, required=True, help="tokens drafted per round (>= 1)")
     p.add_argument("--alpha", type=float, required=True, help="per-token acceptance rate in [0, 1]")
     p.add_argument("-o", "--output", type=Path, metavar="PREDICTIONS.csv", help="also write the table as CSV")
+    p.add_argument("--force", action="store_true", help=FORCE_HELP)
     p.set_defaults(func=_cmd_predict)
     return parser
 

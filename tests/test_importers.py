@@ -313,7 +313,7 @@ def test_hard_errors_exit_2_with_one_line_and_no_dest(tmp_path, capsys, kind):
 def test_a_failed_import_leaves_an_existing_dest_untouched(tmp_path, capsys):
     dest = tmp_path / "trace.parquet"
     dest.write_bytes(b"previous trace")
-    status, _, _ = run(capsys, ragged_log(tmp_path), dest, *SHAPES)
+    status, _, _ = run(capsys, ragged_log(tmp_path), dest, *SHAPES, "--force")  # past the exists check
     assert status == 2 and dest.read_bytes() == b"previous trace"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["log.jsonl", "trace.parquet"]
 

@@ -17,7 +17,7 @@ from typing import Optional
 import yaml
 
 from workloads.fit import PRIORITIES, WORKLOAD_KEY_DOCS, fit_trace, moesim_overrides
-from workloads.io import atomic_write
+from workloads.io import FORCE_HELP, atomic_write, check_outputs
 from workloads.trace import TraceMeta
 from workloads.validation import ConfigError
 
@@ -100,6 +100,7 @@ def register(subparsers) -> None:
     p.add_argument("--on-ragged", choices=("error", "truncate"), default="error",
                    help="requests with missing records: fail (default) or keep each request's "
                         "longest complete prefix")
+    p.add_argument("--force", action="store_true", help=FORCE_HELP)
     p.set_defaults(func=run)
 
 
@@ -108,6 +109,7 @@ def _g(v) -> str:
 
 
 def run(args) -> int:
+    check_outputs([("-o", args.output)], [("TRACE", args.trace)], args.force)
     if args.replicates is not None and args.replicates < 1:
         raise ConfigError(f"--replicates={args.replicates} is invalid; must be >= 1")
     t0 = time.perf_counter()

@@ -16,25 +16,52 @@ from pathlib import Path
 import numpy as np
 import yaml
 
-from workloads.fit import generate_requests, params_model
+from workloads.fit import generate_requests, params_model, params_workload
+from workloads.io import FORCE_HELP, check_outputs
 from workloads.synthetic import generate_weights
 from workloads.trace import TraceMeta, requests_to_frame, write_trace
 from workloads.validation import ConfigError
 
 
+EXPECTS = "moesim-trace generate expects the params YAML written by moesim-trace fit"
+
+
 def read_params(path) -> dict:
-    """The mapping in a params.yaml (ConfigError, one line, if missing or not a YAML mapping)."""
+    """The mapping in a params.yaml (ConfigError, one line, if missing, not YAML text, or without
+    the ``model`` and ``workload`` sections ``moesim-trace fit`` writes)."""
     path = Path(path)
+    where = f"params file {path}"
     if not path.is_file():
-        raise ConfigError(f"params file {path} does not exist" if not path.exists()
-                          else f"params file {path} is not a file")
+        raise ConfigError(f"{where} does not exist; {EXPECTS}" if not path.exists()
+                          else f"{where} is not a file; {EXPECTS}")
     try:
-        data = yaml.safe_load(path.read_text())
+        raw = path.read_bytes()
+    except OSError as exc:
+        raise ConfigError(f"{where} cannot be read ({exc.strerror or exc})") from None
+    if raw.startswith(b"PAR1"):
+        raise ConfigError(f"{where} is a Parquet file (a trace?), not YAML; {EXPECTS}")
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError:
+        raise ConfigError(f"{where} is not a text file; {EXPECTS}") from None
+    if not text.strip():
+        raise ConfigError(f"{where} is empty; {EXPECTS}")
+    try:
+        data = yaml.safe_load(text)
     except yaml.YAMLError as exc:
         first = (str(exc).strip().splitlines() or ["invalid YAML"])[0]
-        raise ConfigError(f"params file {path} is not valid YAML ({first})") from None
+        raise ConfigError(f"{where} is not valid YAML ({first}); {EXPECTS}") from None
     if not isinstance(data, dict):
-        raise ConfigError(f"params file {path} must hold a mapping with model and workload sections")
+        raise ConfigError(f"{where} does not hold a mapping with model and workload sections; {EXPECTS}")
+    lacking = [k for k in ("model", "workload") if not isinstance(data.get(k), dict)]
+    if lacking:
+        raise ConfigError(f"{where}: {lacking[0]} is required (a mapping); {EXPECTS}")
+    try:  # the sections' keys and values, checked before anything is generated
+        params_model(data)
+        params_workload(data)
+    except ConfigError as exc:
+        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+        raise ConfigError(f"{where}: {first}; {EXPECTS}") from None
     return data
 
 
@@ -73,10 +100,12 @@ def register(subparsers) -> None:
     p.add_argument("--output-len", type=int, metavar="O",
                    help="mean generated tokens per request (default: the params')")
     p.add_argument("--seed", type=int, default=0, help="seed (0); same params and seed, same trace")
+    p.add_argument("--force", action="store_true", help=FORCE_HELP)
     p.set_defaults(func=run)
 
 
 def run(args) -> int:
+    check_outputs([("-o", args.output)], [("PARAMS.yaml", args.params)], args.force)
     for name in ("num_requests", "prompt_len", "output_len"):
         _positive(getattr(args, name), "--" + name.replace("_", "-"))
     params = read_params(args.params)

@@ -7,12 +7,14 @@ The work is done by :mod:`workloads.importers`; this module parses the command l
 from __future__ import annotations
 
 import argparse
+import json
 import re
 import sys
 from importlib import resources
 
-from workloads.importers import (FORMATS, ImportOptions, import_trace, parse_drop_where,
+from workloads.importers import (FORMATS, ImportOptions, discover, import_trace, parse_drop_where,
                                  parse_fields)
+from workloads.io import FORCE_HELP, atomic_write, check_outputs
 from workloads.trace import TraceError, TraceMeta
 from workloads.validation import ConfigError
 
@@ -36,6 +38,9 @@ dropped), rows with a wrong number of experts or an expert named twice (dropped)
 renumbered per layer (--token-index order), missing (token, layer) cells (--on-ragged). Hard errors
 (exit 2, one line, DEST untouched): unknown fields, unreadable files, expert ids out of range, layers
 that do not match the model.
+
+Outputs: DEST and --json never name a source (checked on resolved paths, before anything is read),
+and an existing DEST or --json file is replaced only with --force.
 """
 
 EPILOG = """\
@@ -92,6 +97,7 @@ def register(subparsers) -> None:
                    help="missing (token, layer) cells: error (refuse), truncate (longest prefix complete on "
                         "every MoE layer), keep (write as is; replay needs workload.on_ragged=truncate)")
     p.add_argument("--json", metavar="REPORT.json", help="also write the report as JSON")
+    p.add_argument("--force", action="store_true", help=FORCE_HELP)
     p.set_defaults(func=run)
 
 
@@ -110,6 +116,10 @@ def catalog_hf_names() -> dict[str, str]:
 
 def run(args: argparse.Namespace) -> int:
     sources, dest = args.sources, args.dest
+    # Before anything is read: the files the sources name are the inputs (a directory source's
+    # files of the format), DEST and the report the outputs.
+    inputs = [("SRC", f) for f in discover(sources, args.format)]
+    check_outputs([("DEST", dest), ("--json", args.json)], inputs, args.force)
     dense_layers = _int_list(args.dense_layers, "--dense-layers")
     fields = parse_fields(args.fields)
     group = tuple(x.strip() for x in args.group.split(",") if x.strip())
@@ -141,8 +151,6 @@ def run(args: argparse.Namespace) -> int:
                             drop_requests=args.drop_requests, drop_where=parse_drop_where(args.drop_where),
                             layer_from_filename=args.layer_from_filename, phase=args.phase,
                             prompt_len_field=args.prompt_len_field, on_ragged=args.on_ragged)
-    if args.json and args.json == dest:
-        raise ConfigError(f"--json {args.json} is DEST; name another file for the report")
     try:
         report = import_trace(sources, dest, options, model=model, shapes=shapes, hf_names=catalog_hf_names())
     except OSError as exc:
@@ -150,7 +158,8 @@ def run(args: argparse.Namespace) -> int:
     print("\n".join(report.lines()))
     if args.json:
         try:
-            report.write_json(args.json)
+            text = json.dumps(report.to_dict(), indent=2, default=str) + "\n"
+            atomic_write(args.json, lambda tmp: tmp.write_text(text))
         except OSError as exc:
             raise TraceError(f"wrote {dest} but cannot write --json {args.json} ({exc.strerror or exc})") from None
         print(f"  report: {args.json}")

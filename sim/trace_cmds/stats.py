@@ -17,7 +17,7 @@ from typing import Optional
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from workloads.io import atomic_write
+from workloads.io import FORCE_HELP, atomic_write, check_outputs
 from workloads.trace import TraceError, TraceMeta, load_trace_requests
 from workloads.trace_stats import POLICIES, format_report, model_for_trace, trace_statistics
 from workloads.validation import ConfigError
@@ -83,10 +83,12 @@ def register(subparsers) -> None:
                    help="requests with missing records: fail (default) or keep each request's "
                         "longest complete prefix")
     p.add_argument("--num-requests", type=int, metavar="N", help="only the first N requests")
+    p.add_argument("--force", action="store_true", help=FORCE_HELP)
     p.set_defaults(func=run)
 
 
 def run(args) -> int:
+    check_outputs([("--json", args.json)], [("TRACE", args.trace)], args.force)
     policies = [s.strip() for s in args.policies.split(",") if s.strip()]
     bad = [s for s in policies if s not in POLICIES]
     if bad or not policies:
