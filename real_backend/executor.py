@@ -30,10 +30,16 @@ scenario, same requests, same policy objects, same record schema, same summarise
   measured around the whole pass (policy calls included); ``attention_s`` (attention blocks),
   ``expert_compute_s`` (routed experts), ``other_compute_s`` (embed, router, shared experts, dense
   FFNs, combine, LM head) timed around the ops (``perf_counter`` on CPU, CUDA events on GPU);
-  ``copy_stall_s`` = time spent waiting in ``OffloadRuntime.weights()``; hits, misses, bytes and
+  ``copy_stall_s`` = time spent waiting in ``OffloadRuntime.weights()``; ``host_expert_s``: experts
+  the policy runs on the host (``on_miss -> "host"``), timed around their op; on CPU they run on
+  the executing thread itself (the host is the device, as ``hw.host_is_device`` in the simulator),
+  so that time is also ``host_stall_s``, the simulator's booking (0 on CUDA); hits, misses, bytes and
   prefetch counters from the runtime; ``draft_s``, ``reject_s`` and the other speculation columns
   from ``sim.speculation.spec_columns``. Unlike the simulator, the time columns do not add up to
-  ``duration_s``: the rest is Python, policy and bookkeeping overhead (``summary["overhead_s"]``).
+  ``duration_s``: the rest is Python, policy and bookkeeping overhead (``summary["overhead_s"]``:
+  duration less attention, expert, other compute, copy stall, host stall, draft and reject time,
+  and on CUDA less host-expert time too). On CPU every part is timed around its own stretch of the
+  pass, inside the stretch ``duration_s`` is timed around, so they never add up to more.
 * **Speculative decoding** (``policy/speculation=static|cascade``; ``sim/speculation.py`` is the
   reference): each decode pass is a round planned by ``sim.speculation.plan_round`` with the
   scenario's policy object and a ``workloads.acceptance.AcceptanceSampler`` seeded as the
@@ -320,6 +326,10 @@ class RealExecutor:
     CPU, as ``moesim-profile`` measures; the copy worker takes the other core). ``draft``: the
     draft model of a ``drafter=model`` scenario (``build_draft_model``; built by ``run()`` if not
     given); ``speculation``: the speculation policy object (default: the scenario's).
+    ``synchronous_copies``: no copy thread; each copy runs on the main thread when the runtime next
+    lands copies (``real_backend.offload``): every copy has landed by the next policy decision, in
+    the simulator's copy-engine order, so the counters cannot depend on thread timing (for tests
+    that compare them with the simulator's exactly; times are then not those of an async copy).
     """
 
     def __init__(self, scenario: Scenario, requests: Optional[list[Request]] = None, *,
@@ -329,7 +339,7 @@ class RealExecutor:
                  timeline: Optional[bool] = None, torch_profile: Optional[str | Path] = None,
                  warmup_passes: int = 1, worker_priority: str = "realtime", record_routing: bool = False,
                  progress: bool = False, free_running: bool = False, draft: Optional[MoEModel] = None,
-                 speculation: Optional[SpeculationPolicy] = None):
+                 speculation: Optional[SpeculationPolicy] = None, synchronous_copies: bool = False):
         self.scenario = scenario
         self.spec = scenario.model
         if requests is None:
@@ -373,12 +383,15 @@ class RealExecutor:
         self.torch_profile = Path(torch_profile) if torch_profile is not None else None
         self.warmup_passes = warmup_passes
         self.worker_priority = worker_priority
+        self.synchronous_copies = synchronous_copies
         self.progress = progress
         self._record = record_routing
         self.recorded_passes: list[dict[int, list[int]]] = []      # per pass: layer -> experts that ran (sorted)
         self.memory = self._plan_memory()
         self._layer_open = False
         self._host_experts: set[int] = set()
+        # Host-run experts run on the executing thread: the host is the device (CPU).
+        self._host_inline = self.device.type == "cpu"
 
     # ------------------------------------------------------------------ set-up
     def _plan_memory(self):
@@ -417,7 +430,8 @@ class RealExecutor:
         mem = self.memory
         return OffloadRuntime(self.store, self.policy, capacity_per_layer=mem.slots_per_layer,
                               total_slots=mem.total_slots, cache_scope=mem.cache_scope, device=self.device,
-                              bandwidth_bps=bw, latency_s=lat, worker_priority=self.worker_priority)
+                              bandwidth_bps=bw, latency_s=lat, worker_priority=self.worker_priority,
+                              synchronous_copies=self.synchronous_copies)
 
     # ------------------------------------------------------------------ run
     def run(self) -> RunResult:
@@ -480,9 +494,9 @@ class RealExecutor:
         summary["torch_threads"] = self.threads or torch.get_num_threads()
         summary["copy_worker_sched"] = sched
         summary["copy_engine_busy_s"] = copy_busy
-        summary["overhead_s"] = float((steps["duration_s"] - steps[["attention_s", "expert_compute_s",
-                                       "other_compute_s", "copy_stall_s", "host_stall_s",
-                                       "host_expert_s", "draft_s", "reject_s"]].sum(axis=1)).sum())
+        parts = ["attention_s", "expert_compute_s", "other_compute_s", "copy_stall_s", "host_stall_s", "draft_s",
+                 "reject_s"] + ([] if self._host_inline else ["host_expert_s"])   # on CPU: inside host_stall_s
+        summary["overhead_s"] = float((steps["duration_s"] - steps[parts].sum(axis=1)).sum())
         summary.update(self.policy.report())
         summary.update(self.spec_policy.report())
         if future is not None:
@@ -686,7 +700,8 @@ class RealExecutor:
             "step": step, "phase": phase, "start_s": start, "end_s": end, "duration_s": end - start,
             "batch_size": len(batch), "tokens": T, "attention_s": timer.attention_s,
             "expert_compute_s": timer.expert_s, "other_compute_s": timer.other_s,
-            "copy_stall_s": c.copy_stall_s, "host_stall_s": 0.0, "host_expert_s": timer.host_expert_s,
+            "copy_stall_s": c.copy_stall_s, "host_expert_s": timer.host_expert_s,
+            "host_stall_s": timer.host_expert_s if self._host_inline else 0.0,   # module docstring
             "h2d_bytes": c.h2d_bytes, "demand_bytes": c.demand_bytes, "prefetch_bytes": c.prefetch_bytes,
             "hits": c.hits, "misses": c.misses, "late_prefetches": c.late_prefetches,
             "prefetches": c.prefetches, "useful_prefetches": c.useful_prefetches,

@@ -31,6 +31,14 @@ What it models, piece by piece (the simulator's counterparts in brackets):
   prefetch, wasted-prefetch bytes, hits, misses, late and useful prefetches, copy stall) and a
   record per copy (``CopyRecord``). It moves tensors; it never runs an expert.
 
+Synchronous copies (``synchronous_copies=True``, ``CopyEngine(synchronous=True)``): no worker
+thread. Copies queue as usual and are carried out on the main thread, in queue order (priority,
+then FIFO), the next time the runtime lands copies (``poll``) or waits for one (``weights``,
+``wait``, ``drain``). So every copy issued before a policy decision point has landed by it, in the
+order the simulator's copy engine runs them when copies take no time (a link far faster than
+compute): the cache decisions, and so every counter, cannot depend on thread timing. For tests
+that compare the two engines' counters exactly; a wait that runs the copies counts as copy stall.
+
 Threading (the policy objects are not thread-safe, and must see the same sequence of calls as in
 the simulator): the copy worker only copies, timestamps the job, appends it to a completed queue
 and sets the job's ``threading.Event``. Everything else happens on the thread that created the
@@ -455,12 +463,14 @@ class CopyEngine:
     loop, which releases the GIL). CUDA: the worker enqueues the copy on its own stream after the
     job's fence and waits for the copy's event before the next job; no shaping.
     The main thread calls ``take_completed()`` to get finished jobs in completion order.
+    ``synchronous=True``: no worker thread; queued jobs run on the calling thread, in queue order,
+    when ``run_pending()``, ``take_completed()`` or ``wait_idle()`` is called (``sched="inline"``).
     """
 
     def __init__(self, device: torch.device | str = "cpu", bandwidth_bps: Optional[float] = None,
                  latency_s: float = 0.0, chunk_bytes: Optional[int] = None, spin_s: float = 1.5e-4,
                  worker_priority: WorkerPriority = "realtime", name: str = "h2d copy",
-                 _cuda: Optional[_TorchCuda] = None):
+                 _cuda: Optional[_TorchCuda] = None, synchronous: bool = False):
         self.device = torch.device(device)
         if worker_priority not in ("realtime", "high", "normal"):
             raise ConfigError(f"worker_priority={worker_priority!r} is invalid; allowed: realtime, high, normal")
@@ -490,6 +500,11 @@ class CopyEngine:
         self._outstanding = 0
         self._closed = False
         self.busy_s = 0.0
+        self.synchronous = bool(synchronous)
+        self._thread: Optional[threading.Thread] = None
+        if self.synchronous:   # no worker: run_pending() copies on the caller's thread
+            self.sched = "inline"
+            return
         self._ready = threading.Event()
         self._thread = threading.Thread(target=self._run, name=name, daemon=True)
         self._thread.start()
@@ -514,8 +529,20 @@ class CopyEngine:
             self._cv.notify()
         return job
 
+    def run_pending(self) -> None:
+        """``synchronous``: carry out every queued job now, in queue order (no-op with a worker)."""
+        if not self.synchronous:
+            return
+        while True:
+            with self._cv:
+                if not self._heap:
+                    return
+                _, _, job = heapq.heappop(self._heap)
+            self._do(job)
+
     def take_completed(self) -> list[CopyJob]:
         """Finished jobs (landed or failed) since the last call, in completion order."""
+        self.run_pending()
         out = []
         while True:
             try:
@@ -525,6 +552,7 @@ class CopyEngine:
 
     def wait_idle(self, timeout: Optional[float] = None) -> bool:
         """Block until every submitted job has finished."""
+        self.run_pending()
         with self._cv:
             return self._cv.wait_for(lambda: self._outstanding == 0, timeout)
 
@@ -544,7 +572,8 @@ class CopyEngine:
                 job.dispatched.set()
                 job.done.set()
             self._cv.notify_all()
-        self._thread.join()
+        if self._thread is not None:
+            self._thread.join()
 
     # ---- worker thread
     def _run(self) -> None:
@@ -562,23 +591,27 @@ class CopyEngine:
                 if not self._heap:
                     return
                 _, _, job = heapq.heappop(self._heap)
-            try:
-                if self.is_cuda:
-                    self._copy_cuda(job)
-                else:
-                    self._copy_cpu(job)
-            except BaseException as exc:  # noqa: BLE001 -- handed to the main thread by poll()
-                job.error = exc
-                if math.isnan(job.start):
-                    job.start = time.perf_counter()
-                job.end = time.perf_counter()
-            self.busy_s += job.end - job.start
-            self._completed.append(job)   # before done.set(): a waiter that wakes finds it queued
-            with self._cv:
-                self._outstanding -= 1
-                self._cv.notify_all()
-            job.dispatched.set()
-            job.done.set()
+            self._do(job)
+
+    def _do(self, job: CopyJob) -> None:
+        """Copy one job, then hand it to the main thread (the worker's, or ``run_pending``'s, work)."""
+        try:
+            if self.is_cuda:
+                self._copy_cuda(job)
+            else:
+                self._copy_cpu(job)
+        except BaseException as exc:  # noqa: BLE001 -- handed to the main thread by poll()
+            job.error = exc
+            if math.isnan(job.start):
+                job.start = time.perf_counter()
+            job.end = time.perf_counter()
+        self.busy_s += job.end - job.start
+        self._completed.append(job)   # before done.set(): a waiter that wakes finds it queued
+        with self._cv:
+            self._outstanding -= 1
+            self._cv.notify_all()
+        job.dispatched.set()
+        job.done.set()
 
     def _copy_cpu(self, job: CopyJob) -> None:
         src, dst = job.src, job.dst
@@ -705,7 +738,8 @@ class OffloadRuntime:
     Routing decisions stay with the executor: a lossy policy's ``substitute`` is applied before
     ``begin_layer``; host-run experts (``acc.host``) run on ``HostStore.tensors`` and their outputs'
     bytes go to ``count_activation_bytes``. ``weights`` returns views of a slot or staging buffer,
-    valid until ``release``/``end_layer``.
+    valid until ``release``/``end_layer``. ``synchronous_copies=True``: no copy thread, copies run
+    on this thread at the next landing point (module docstring; deterministic, for tests).
     """
 
     def __init__(self, store: HostStore, policy: PrefetchPolicy, *, capacity_per_layer: Optional[int] = None,
@@ -713,7 +747,7 @@ class OffloadRuntime:
                  device: torch.device | str = "cpu", bandwidth_bps: Optional[float] = None,
                  latency_s: float = 0.0, staging_buffers: int = STAGING_EXPERTS,
                  chunk_bytes: Optional[int] = None, worker_priority: WorkerPriority = "realtime",
-                 _cuda: Optional[_TorchCuda] = None):
+                 _cuda: Optional[_TorchCuda] = None, synchronous_copies: bool = False):
         self.store = store
         self.policy = policy
         self.device = torch.device(device)
@@ -727,7 +761,7 @@ class OffloadRuntime:
         if cache_scope == "global" and total_slots is None and capacity_per_layer is not None:
             total_slots = capacity_per_layer * len(store.layers)
         self.copier = CopyEngine(self.device, bandwidth_bps, latency_s, chunk_bytes,
-                                 worker_priority=worker_priority, _cuda=self._cuda)
+                                 worker_priority=worker_priority, _cuda=self._cuda, synchronous=synchronous_copies)
         try:
             self.pool = DeviceSlotPool(store.layout, store.layers, cache_scope, capacity_per_layer, total_slots,
                                        self.device, staging_buffers, _cuda=self._cuda)
@@ -1027,6 +1061,7 @@ class OffloadRuntime:
         key = _key(key)
         job = self._jobs.get(key) or self._staged.get(key)
         if job is not None and job.submitted:
+            self.copier.run_pending()   # synchronous copies: carried out now (no-op with the worker)
             job.done.wait()
         self.poll()
 
@@ -1105,6 +1140,7 @@ class OffloadRuntime:
             stream = cuda.current_stream()
             before, after = cuda.event(timing=True), cuda.event(timing=True)
             before.record(stream)
+            self.copier.run_pending()   # synchronous copies: enqueued now (no-op with the worker)
             job.dispatched.wait()  # normally instant; blocks while the job queues behind others
             if job.cuda_event is not None:
                 stream.wait_event(job.cuda_event)
@@ -1112,6 +1148,7 @@ class OffloadRuntime:
             self._cuda_stalls.append((before, after))
             return
         t0 = time.perf_counter()
+        self.copier.run_pending()   # synchronous copies: this thread copies them now (stall, as a wait)
         job.done.wait()
         t1 = time.perf_counter()
         self.counters.copy_stall_s += t1 - t0

@@ -24,7 +24,9 @@ What runs, in simulated time:
   GPU runs its other experts meanwhile and waits for host results before the combine
   (``host_stall_s``). When the host is the device (``hw.host_is_device``, ``hw=this_cpu``), a
   host-run expert is compute on the stream itself, after the layer's other experts (its output
-  bytes are still counted, as the real executor counts them).
+  bytes are still counted, as the real executor counts them), booked as ``host_stall_s``: the
+  stream's time on host-run experts, so the step's parts still add up to its duration (and it
+  is ``host_expert_s`` too, the host CPU's time on them).
 * **Copy overhead**: each expert copy the pass issues adds ``cost.copy_overhead_s`` (the
   executor's per-copy host work, measured by ``moesim-profile``; 0 for the roofline) to the
   compute stream before it waits, booked as ``other_compute_s``. The copy engine starts each copy
@@ -45,6 +47,7 @@ from __future__ import annotations
 
 import dataclasses
 import heapq
+import logging
 import sys
 import time
 from dataclasses import dataclass
@@ -402,7 +405,6 @@ class Engine:
 
         attention_s = expert_s = other_s = stall_s = host_stall_s = host_cpu_s = 0.0
         hits = misses = late = useful = demand_loads = host_runs = 0
-        prefetches_before = counters.prefetches
         active: list[int] = []
         # The compute stream's share of each copy it issues (Table: the profile's copy_overhead).
         pending = (self.scenario.sim.pass_overhead_s + cost.embed_s(model, T)
@@ -498,6 +500,7 @@ class Engine:
                         t0 = env.now
                         yield job
                         host_stall_s += env.now - t0
+            host_stall_s += inline_host_s   # host is the device: the stream ran them itself
             pending = acc + inline_host_s + combine
             cache.pinned = set()
         lm = cost.lm_head_s(model, lm_positions)
@@ -517,7 +520,7 @@ class Engine:
             "h2d_bytes": counters.demand_bytes + counters.prefetch_bytes + counters.activation_bytes,
             "demand_bytes": counters.demand_bytes, "prefetch_bytes": counters.prefetch_bytes,
             "hits": hits, "misses": misses, "late_prefetches": late,
-            "prefetches": counters.prefetches - prefetches_before, "useful_prefetches": useful,
+            "prefetches": counters.prefetches, "useful_prefetches": useful,
             "demand_loads": demand_loads, "host_runs": host_runs,
             "wasted_prefetch_bytes": counters.wasted_bytes,
             "active_experts_mean": sum(active) / len(active) if active else float("nan"),
@@ -652,6 +655,11 @@ def simulate(scenario: Scenario, requests: Optional[list[Request]] = None, **kwa
         from workloads.requests import build_requests
 
         requests = build_requests(scenario.workload, scenario.model, scenario.seed)
+        batch = scenario.workload.batch_size
+        if len(requests) < batch:
+            logging.getLogger("moesim").warning(
+                "workload.batch_size=%d can never fill: the workload has %d requests, so no pass decodes more "
+                "than %d at once (raise workload.num_requests)", batch, len(requests), len(requests))
     engine = Engine(scenario, requests, **kwargs)
     if engine.policy.needs_future:
         engine.future = record_future(scenario, requests, kwargs.get("cost"))
@@ -669,7 +677,9 @@ def speculation_gains(spec: dict, baseline: dict) -> dict:
     """What speculation bought against the same scenario without it (``baseline``).
 
     speedup: baseline TPOT / TPOT. target_efficiency (MoESD's TE = T_T(B,1) / T_T(B,K)): the
-    baseline's mean decode pass / the mean verify pass. spec_utility (Cascade's U = ETR /
+    baseline's mean decode pass / the mean verify pass, both at the full batch (``sim.metrics``:
+    the run's largest batch; TE is defined at one batch size, and averaging in the tail rounds
+    where a few stragglers run gave TE above 1 at batch 32). spec_utility (Cascade's U = ETR /
     (t_iter(K) / t_iter(0))): committed tokens per request per decode pass / (mean decode pass /
     the baseline's mean decode pass). Batch composition can differ between the two runs near the
     end (speculation finishes requests sooner); the means are over each run's own decode passes.
@@ -680,7 +690,8 @@ def speculation_gains(spec: dict, baseline: dict) -> dict:
     etr, step, base_step = spec.get("committed_tokens_per_round"), spec.get("decode_step_s"), baseline.get("decode_step_s")
     rel = ratio(step, base_step)
     return {"speedup": ratio(baseline.get("tpot_s"), spec.get("tpot_s")),
-            "target_efficiency": ratio(base_step, spec.get("verify_step_s")),
+            "target_efficiency": ratio(baseline.get("decode_step_full_batch_s"), spec.get("verify_step_full_batch_s")),
             "spec_utility": ratio(etr, rel) if etr is not None else None,
             "baseline_tpot_s": baseline.get("tpot_s"), "baseline_decode_step_s": base_step,
+            "baseline_decode_step_full_batch_s": baseline.get("decode_step_full_batch_s"),
             "baseline_throughput_tok_s": baseline.get("throughput_tok_s")}
