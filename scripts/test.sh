@@ -7,7 +7,7 @@ cd "$(dirname "$0")/.."
 if ! command -v nvidia-smi >/dev/null 2>&1; then
   python3 -m pip install -q torch==2.13.0
 fi
-python3 -m pip install -q -e '.[test,real,capture]'
+python3 -m pip install -q -e '.[test,real,capture,sweep]'
 set +e
 python3 -m pytest "$@"
 status=$?
