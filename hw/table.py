@@ -40,6 +40,11 @@ Executor overheads (measured by running the real executor, ``real_backend.execut
 ``layer_overhead`` rows (a pass's wall time outside every op -- Python between ops, scheduling,
 policy calls, bookkeeping -- per layer, vs the pass's tokens, with every expert resident);
 ``attention_block_s`` includes it, so that the ops the simulator sums add up to a measured pass.
+Being a residual it may be negative (ops faster inside the executor than in the op passes; noise
+on a busy machine), and it can even exceed the attention it is added to; the block is then floored
+at the cheapest attention pass the profile measured for the model (``attention_floor_s``: the
+smallest median of its decode and prefill grids, which is also the least the attention
+interpolation itself ever answers), so that a layer's attention never costs nothing.
 ``copy_overhead`` (one row per model): the compute stream's extra time per expert copy it issues
 (submitting and landing the copy, the copy worker's wake-ups, the caches the copy's bytes
 pollute), ``copy_overhead_s``; without the row, 0. ``copy_launch`` (device-level, ``phase`` =
@@ -200,6 +205,7 @@ class _ModelTables:
     copy_overhead_s: float = 0.0
     host_run_overhead_s: float = 0.0
     draft_pass_overhead_s: float = 0.0
+    attention_floor_s: float = 0.0      # the cheapest measured attention (module docstring)
 
 
 class Table:
@@ -284,6 +290,9 @@ class Table:
         if grids["decode"] is None:
             raise ConfigError(f"{self.key}={self.profile_dir} has no decode attention measurements for "
                               f"model={model.name}; re-run moesim-profile --models {model.name}")
+        measured = rows.loc[rows["op"] == "attention", "median_s"].astype(float)
+        measured = measured[np.isfinite(measured) & (measured > 0)]
+        attention_floor = float(measured.min()) if len(measured) else 0.0
         r = rows[(rows["op"] == "copy_overhead")]
         copy_overhead = max(0.0, float(r["median_s"].median())) if len(r) else 0.0
         r = rows[(rows["op"] == "host_run_overhead")]
@@ -293,14 +302,19 @@ class Table:
         if not math.isfinite(draft_pass):
             draft_pass = 0.0
         t = self._models[model.name] = _ModelTables(curves, grids["decode"], grids["prefill"], copy_overhead,
-                                                    host_run_overhead, draft_pass)
+                                                    host_run_overhead, draft_pass, attention_floor)
         return t
 
     # ------------------------------------------------------------------ CostModel
     def attention_block_s(self, model: ModelSpec, batch: BatchShape) -> float:
         t = self._tables(model)
         overhead = t.curves["layer_overhead"](batch.tokens) if "layer_overhead" in t.curves else 0.0
-        return max(0.0, overhead + self._attention_s(t, batch))   # the residual may be negative
+        # The residual may be negative, even below -attention: floored (module docstring).
+        return max(t.attention_floor_s, overhead + self._attention_s(t, batch))
+
+    def attention_floor_s(self, model: ModelSpec) -> float:
+        """The least ``attention_block_s`` answers for ``model``: its cheapest measured attention."""
+        return self._tables(model).attention_floor_s
 
     @staticmethod
     def _attention_s(t: _ModelTables, batch: BatchShape) -> float:

@@ -103,7 +103,9 @@ per measurement: ``device, model, op, phase, tokens, batch, context, bytes, medi
 p90_s, repeats, threads, dtype``; inapplicable sizes are empty) and ``profile.json`` (machine,
 device name, torch version, threads, dtype, date, the shape signature of every model). Profiling
 more models into a directory that holds a profile of the same device and thread count keeps the
-other models' rows (copy rows are replaced).
+other models' rows (copy rows are replaced). ``moesim-profile`` replaces anything else there -- a
+``profile.*`` file that is not such a profile, or a profile of another device or thread count --
+only with ``--force`` (checked before anything is measured; ``check_output_dir``).
 
 Bad input (an unknown model, no CUDA, a bad option) prints one line ``moesim-profile: error: ...``
 on stderr and exits with status 2.
@@ -132,6 +134,7 @@ import pandas as pd
 import torch
 
 from hw.table import PROFILE_COLUMNS, PROFILE_CSV, PROFILE_HEADER, PROFILE_PARQUET, model_signature
+from workloads.io import check_outputs
 from workloads.model import ModelSpec
 from workloads.validation import ConfigError
 
@@ -927,6 +930,31 @@ def write_profile(out: Path, rows: pd.DataFrame, header: dict) -> None:
 # --------------------------------------------------------------------------- CLI
 
 
+def check_output_dir(out: Path, device: str, threads: int, force: bool) -> None:
+    """Refuse (ConfigError, one line) to replace what ``out`` holds, before anything is measured.
+
+    ``out`` may be missing, hold unrelated files (left alone) or hold a profile this command wrote
+    for the same device and thread count (merged into, as the module docstring says). Anything
+    else -- a ``profile.*`` file that is not such a profile, or a profile of another device or
+    thread count, which the new one would replace whole -- needs ``--force``.
+    """
+    if out.exists() and not out.is_dir():
+        raise ConfigError(f"-o {out} is a file; give a directory")
+    files = [("", out / name) for name in (PROFILE_PARQUET, PROFILE_CSV, PROFILE_HEADER)]
+    merge = False
+    if (out / PROFILE_HEADER).is_file() and (out / PROFILE_PARQUET).is_file():
+        try:
+            old = json.loads((out / PROFILE_HEADER).read_text())
+        except (OSError, UnicodeDecodeError, ValueError):
+            old = None
+        if isinstance(old, dict) and "format" in old and "models" in old:
+            if (old.get("device"), old.get("torch_threads")) == (device, threads):
+                merge = True
+            elif not force:
+                raise ConfigError(f"-o {out} holds a profile of device {old.get('device')} with "
+                                  f"{old.get('torch_threads')} thread(s), which this run ({device}, {threads} "
+                                  f"thread(s)) would replace; pass --force to replace it or name another -o DIR")
+    check_outputs(files, (), force or merge)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -944,6 +972,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="build only the first N layers of each model (for models too large for this device; "
                         "per-layer op costs do not depend on the depth)")
     p.add_argument("--seed", type=int, default=0, help="seed for weights and routing (default 0)")
+    p.add_argument("--force", action="store_true",
+                   help="replace existing output files in DIR: profile.* files that are not a profile of "
+                        "this device and thread count (one that is is merged into without --force)")
     return p
 
 
@@ -953,6 +984,15 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     def body() -> int:
         args = parser.parse_args(argv)
         models = [m.strip() for m in args.models.split(",") if m.strip()]
+        try:
+            dev = ops.resolve_device(args.device)
+        except ValueError:
+            dev = None  # run_profile says why, before any work
+        if dev is not None:
+            threads = args.threads if args.threads is not None else (
+                1 if dev.type == "cpu" else torch.get_num_threads())
+            out_dir = Path(args.output) if args.output else Path("profiles") / dev.type
+            check_output_dir(out_dir, dev.type, threads, args.force)
         t0 = time.perf_counter()
         out = run_profile(models, args.device, args.output, quick=args.quick, threads=args.threads,
                           seed=args.seed, max_layers=args.max_layers,

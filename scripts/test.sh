@@ -9,7 +9,8 @@ if ! command -v nvidia-smi >/dev/null 2>&1; then
 fi
 python3 -m pip install -q -e '.[test,real,capture,sweep]'
 set +e
-python3 -m pytest "$@"
+# Two workers (CI has 2 cores); tests sharing an expensive fixture stay on one worker (tests/conftest.py).
+python3 -m pytest -n 2 --dist loadgroup "$@"
 status=$?
 set -e
 if [ "$status" -eq 5 ]; then

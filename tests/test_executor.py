@@ -117,15 +117,19 @@ def test_free_running_refuses_policies_that_need_routing_ahead(shared, policy):
 
 
 def test_copies_are_bandwidth_capped(shared):
-    stalls = {}
-    for bw in ("1e12", "2e7"):
-        _, _, ex = _real(["policy.prefetch.capacity_per_layer=1", f"hw.host_link.bandwidth_bps={bw}"], shared)
-        res = ex.run()
-        stalls[bw] = res.summary["copy_stall_s"]
-        n = res.steps["demand_loads"].sum()
-    # 24 KB at 20 MB/s = 1.2 ms a copy, at least that much stall per demand load (not overlapped
-    # with compute beyond the resident experts' few microseconds)
-    assert stalls["2e7"] > stalls["1e12"] + 0.5 * n * 24576 / 2e7
+    _, _, ex = _real(["policy.prefetch.capacity_per_layer=1", "hw.host_link.bandwidth_bps=2e7"], shared)
+    res = ex.run()
+    n = res.steps["demand_loads"].sum()
+    assert n > 0
+    # 24 KB at 20 MB/s = 1.2 ms a copy (uncapped: microseconds), at least that long on the link:
+    # the shaper's lower bound, which a busy machine can only exceed. A pass issues its demand
+    # loads and waits for them, and the link copies one at a time, so a pass lasts at least its
+    # demand loads' link time. (Only lower bounds: what a run takes beyond them, stalls included,
+    # depends on how busy the machine is.)
+    ideal = 24576 / 2e7
+    assert all(r.end_s - r.start_s >= ideal - 1e-9 for r in ex.copy_records)
+    assert (res.steps["duration_s"] >= res.steps["demand_loads"] * ideal - 1e-9).all()
+    assert res.summary["copy_stall_s"] > 0
 
 
 def test_outputs_load_with_the_simulators_columns(shared, tmp_path):

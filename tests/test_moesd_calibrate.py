@@ -45,8 +45,10 @@ def test_a_preset_the_range_cannot_match_says_so(load_script):
 def test_end_to_end_more_host_time_per_pass_means_less_speedup(tmp_path, capsys, load_script):
     mod = load_script("moesd_calibrate")
     out = tmp_path / "cal.csv"
+    # Short requests (two speculative rounds of k + 1 = 5 tokens each, 8-token prompts): the
+    # speedup is a ratio of per-step times, which do not depend on how many steps there are.
     assert mod.main(["--presets", "qwen2_2xh800", "--overheads-ms", "0,20", "-o", str(out),
-                     "workload.output_len=12", "workload.prompt_len=32"]) == 0
+                     "workload.output_len=10", "workload.prompt_len=8"]) == 0
     runs = pd.read_csv(out)
     sizes = mod.preset_batch_sizes("qwen2_2xh800")
     assert len(runs) == 2 * len(sizes)

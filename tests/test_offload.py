@@ -304,10 +304,10 @@ class _VirtualClock:
 
 
 @pytest.mark.parametrize("nbytes,bw,chunk,latency", [
-    (16 << 20, 2e9, None, 0.0),      # 8.4 ms
-    (64 << 20, 4e9, None, 0.0),      # 16.8 ms
+    (4 << 20, 2e9, None, 0.0),       # 2.1 ms
+    (4 << 20, 4e9, None, 0.0),       # 1.05 ms
     (256 << 10, 2e9, None, 0.0),     # 131 us: shorter than a sleep's overshoot plus spin_s
-    (16 << 20, 2e9, 1 << 20, 0.0),   # chunked: each chunk sleeps to its own deadline
+    (4 << 20, 2e9, 1 << 20, 0.0),    # chunked: each chunk sleeps to its own deadline
     (256 << 10, 2e9, 64 << 10, 1e-3),
 ])
 def test_link_shaper_paces_copies_to_its_cap_on_a_virtual_clock(monkeypatch, nbytes, bw, chunk, latency):
@@ -335,10 +335,10 @@ def test_link_shaper_adds_nothing_to_a_copy_slower_than_its_cap(monkeypatch):
     for chunk in (None, 1 << 20):
         eng = CopyEngine("cpu", bandwidth_bps=2e9, chunk_bytes=chunk)
         try:
-            d = _durations(eng, 16 << 20, reps=2)
+            d = _durations(eng, 4 << 20, reps=2)
         finally:
             eng.close()
-        assert d == [pytest.approx((16 << 20) / 1e9, abs=1e-9)] * 2
+        assert d == [pytest.approx((4 << 20) / 1e9, abs=1e-9)] * 2
 
 
 @pytest.mark.parametrize("nbytes,bw", [(16 << 20, 2e9), (256 << 10, 2e9)])

@@ -27,11 +27,15 @@ MODELS = ("mini_mixtral", "mini_qwen")
 DRAFT = "mini_draft"   # profiled too: its draft_pass_overhead, drafting for mini_mixtral
 
 
-@pytest.fixture(scope="module")
-def quick_profile(tmp_path_factory):
-    out = tmp_path_factory.mktemp("profiles") / "cpu"
-    assert rp.main(["--device", "cpu", "--models", ",".join(MODELS + (DRAFT,)), "-o", str(out), "--quick"]) == 0
-    return out
+@pytest.fixture(scope="session")
+def quick_profile(built_once):
+    """One --quick profile per test session (~50 s on an idle 2-core machine), shared by the
+    xdist workers (tests/conftest.py). Its times depend on how busy the machine is; nothing here
+    asserts them beyond what holds on any machine."""
+    def build(out):
+        assert rp.main(["--device", "cpu", "--models", ",".join(MODELS + (DRAFT,)), "-o", str(out), "--quick"]) == 0
+
+    return built_once("quick_profile_cpu", build)
 
 
 @pytest.fixture(scope="module")
@@ -52,13 +56,16 @@ def test_quick_profile_writes_well_formed_tables(quick_profile):
     assert (rows["p10_s"] <= rows["median_s"]).all() and (rows["median_s"] <= rows["p90_s"]).all()
     # copy_overhead and host_run_overhead are differences of two runs' times (they may come out
     # slightly negative: noise; Table clips them at 0); layer_overhead is a residual against the op
-    # tables (negative where ops run faster in the executor), but never more than a layer's
-    # attention block takes.
+    # tables (negative where ops run faster in the executor, and on a busy machine of any size:
+    # Table floors the attention block, test_attention_block_never_costs_nothing), one row per
+    # token count of the calibration runs' passes: decode batches and their prefills.
     timed = rows[~rows["op"].isin(["copy_overhead", "host_run_overhead", "layer_overhead", "draft_pass_overhead"])]
-    residual = rows[rows["op"] == "layer_overhead"]
-    attn = rows[(rows["op"] == "attention")]["median_s"]
-    assert residual["median_s"].map(np.isfinite).all() and (residual["median_s"] > -attn.max()).all()
     assert (timed["median_s"] > 0).all() and (timed["repeats"] >= rp.QUICK.min_passes).all()
+    for m in MODELS + (DRAFT,):
+        residual = rows[(rows["model"] == m) & (rows["op"] == "layer_overhead")]
+        assert residual["median_s"].map(np.isfinite).all() and (residual["repeats"] > 0).all()
+        assert set(residual["tokens"]) == set(rp.QUICK.overhead_batches) | {b * rp.OVERHEAD_PROMPT
+                                                                            for b in rp.QUICK.overhead_batches}
     per_copy = rows[rows["op"] == "copy_overhead"]
     assert sorted(per_copy["model"]) == sorted(MODELS) and per_copy["median_s"].map(np.isfinite).all()
     assert {11010048, 1572864} == set(per_copy["bytes"])
@@ -102,6 +109,8 @@ def test_table_is_exact_at_measured_points(quick_profile, specs):
         for _, row in r[r["op"] == "lm_head"].iterrows():
             assert table.lm_head_s(spec, int(row["batch"])) == pytest.approx(row["median_s"], rel=1e-12)
         att = rows[(rows["model"] == name) & (rows["op"] == "attention")]
+        floor = float(att["median_s"].min())
+        assert table.attention_floor_s(spec) == floor > 0
         # The executor's per-layer overhead, measured at its own token counts, linear in between.
         ovh_rows = r[r["op"] == "layer_overhead"]
         overhead = Curve(ovh_rows["tokens"].astype(float), ovh_rows["median_s"].astype(float))
@@ -112,8 +121,9 @@ def test_table_is_exact_at_measured_points(quick_profile, specs):
             else:
                 shape = BatchShape(B * c, B, B * c * (c + 1) // 2, B * c)
             # The block's time plus the executor's per-layer overhead at the pass's tokens (a
-            # residual, which may be negative; the block never costs less than nothing).
-            expected = max(0.0, row["median_s"] + overhead(float(row["tokens"])))
+            # residual, which may be negative; the block never costs less than the cheapest
+            # attention measured).
+            expected = max(floor, row["median_s"] + overhead(float(row["tokens"])))
             assert table.attention_block_s(spec, shape) == pytest.approx(expected, rel=1e-12)
     for name, spec in specs.items():
         for _, row in rows[(rows["model"] == name) & (rows["op"] == "rejection_sampling")].iterrows():
@@ -150,7 +160,8 @@ def test_table_is_monotone_between_measured_points(quick_profile, specs):
         dec = rows[(rows["model"] == name) & (rows["op"] == "attention") & (rows["phase"] == "decode")].copy()
         ovh = rows[(rows["model"] == name) & (rows["op"] == "layer_overhead")]
         ovh = Curve(ovh["tokens"].astype(float), ovh["median_s"].astype(float))
-        dec["median_s"] = dec["median_s"] + dec["tokens"].astype(float).map(ovh)
+        floor = table.attention_floor_s(spec)
+        dec["median_s"] = (dec["median_s"] + dec["tokens"].astype(float).map(ovh)).clip(lower=floor)
         B = int(dec["batch"].min())
         line = dec[dec["batch"] == B].sort_values("context")
         (c0, y0), (c1, y1) = list(zip(line["context"].astype(int), line["median_s"]))[:2]
@@ -179,6 +190,43 @@ def test_curve_and_grid_rules():
     g = Grid([a for a in A for _ in Cs], [x for _ in A for x in Cs], [f(a, x) for a in A for x in Cs])
     for B, C in [(1, 10), (3, 15), (4, 40), (8, 80), (1.5, 33)]:
         assert g(B, C) == pytest.approx(f(B, C))
+
+
+def test_attention_block_never_costs_nothing(specs):
+    """layer_overhead is a residual (an executor pass minus what the op tables say its ops take);
+    profiled on a busy machine it can be more negative than the attention it is added to. The
+    block is then the cheapest attention the profile measured, never 0 (nor negative)."""
+    spec = specs["mini_mixtral"]
+    rows = []
+
+    def add(op, median, phase="", tokens=None, batch=None, context=None):
+        rows.append({"device": "cpu", "model": spec.name, "op": op, "phase": phase, "tokens": tokens, "batch": batch,
+                     "context": context, "bytes": None, "median_s": median, "p10_s": median, "p90_s": median,
+                     "repeats": 3, "threads": 1, "dtype": "float32"})
+
+    for op in ("expert", "router", "combine", "embed", "lm_head"):
+        add(op, 1e-4, tokens=1, batch=1)
+        add(op, 2e-4, tokens=64, batch=64)
+    for b in (1, 8):
+        for c in (128, 1024):
+            add("attention", 1e-4 * b * (1 + c / 128), phase="decode", tokens=b, batch=b, context=c)
+    add("attention", 5e-3, phase="prefill", tokens=128, batch=1, context=128)
+    # Residuals: a little negative at 1 token, far below -attention at 8 and 128 tokens.
+    add("layer_overhead", -1e-4, tokens=1)
+    add("layer_overhead", -1.0, tokens=8)
+    add("layer_overhead", -1.0, tokens=128)
+    frame = pd.DataFrame(rows, columns=PROFILE_COLUMNS)
+    table = Table("(hand-made)", loaded=({"device": "cpu", "models": {spec.name: model_signature(spec)}}, frame))
+    floor = 2e-4   # decode, one sequence, 128 keys: the cheapest attention above
+    assert table.attention_floor_s(spec) == pytest.approx(floor)
+    assert table.attention_block_s(spec, BatchShape(1, 1, 1024, 1024)) == pytest.approx(9e-4 - 1e-4)
+    for shape in (BatchShape(1, 1, 128, 128), BatchShape(8, 8, 8 * 1024, 8 * 1024), BatchShape(4, 4, 400, 400),
+                  BatchShape(128, 1, 128 * 129 // 2, 128)):
+        assert table.attention_block_s(spec, shape) == pytest.approx(floor)
+    # Without layer_overhead rows the block is the attention op alone.
+    plain = Table("(hand-made)", loaded=({"device": "cpu", "models": {spec.name: model_signature(spec)}},
+                                         frame[frame["op"] != "layer_overhead"]))
+    assert plain.attention_block_s(spec, BatchShape(8, 8, 8 * 1024, 8 * 1024)) == pytest.approx(1e-4 * 8 * 9)
 
 
 def test_table_refuses_models_it_was_not_profiled_for(quick_profile, specs):
@@ -224,10 +272,13 @@ def test_simulation_with_this_cpu_and_table_runs_end_to_end(quick_profile, specs
     rows = pd.read_parquet(quick_profile / "profile.parquet")
     idle = rows[(rows["op"] == "copy") & (rows["phase"] == "idle") & (rows["bytes"] == spec.expert_bytes)]
     assert measured == pytest.approx(float(idle["median_s"].iloc[0]))
-    # A bandwidth cap (mimicking PCIe at 1 GB/s) slows every copy to bytes / cap.
-    capped = simulate(compose_scenario(common + ["hw.host_link.bandwidth_bps=1e9"]))
+    # A bandwidth cap (mimicking a PCIe link) slows every copy to bytes / cap. The cap is chosen
+    # so that a copy at the cap takes 10x the measured copy (on an idle machine ~1 GB/s), so that it
+    # binds however slowly this machine copied while it was profiled.
+    cap = spec.expert_bytes / (10 * measured)
+    capped = simulate(compose_scenario(common + [f"hw.host_link.bandwidth_bps={cap!r}"]))
     n = capped.summary["h2d_bytes"] / spec.expert_bytes
-    assert capped.summary["copy_engine_busy_s"] == pytest.approx(n * spec.expert_bytes / 1e9)
+    assert capped.summary["copy_engine_busy_s"] == pytest.approx(n * spec.expert_bytes / cap)
     assert capped.summary["tpot_s"] > s["tpot_s"]
     # mini_qwen runs too; the roofline stays selectable on the same hardware description.
     assert simulate(compose_scenario([c.replace("mini_mixtral", "mini_qwen") for c in common])).summary["tpot_s"] > 0

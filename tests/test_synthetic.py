@@ -1,10 +1,9 @@
 """Synthetic routing: known answers (MoESD N(t)), calibration targets measured from generated data,
-features exactly on/off, determinism, speed; and the statistics of a real DeepSeek trace."""
+features exactly on/off, determinism; and the statistics of a real DeepSeek trace."""
 
 from __future__ import annotations
 
 import json
-import time
 from pathlib import Path
 
 import numpy as np
@@ -173,7 +172,7 @@ def test_reuse_never_crosses_requests():
     assert reuse_prob([firsts]) == pytest.approx(0.25, abs=0.03)
 
 
-# ------------------------------------------------------------------ determinism, errors, speed
+# ------------------------------------------------------------------ determinism, errors, scale
 
 
 def test_deterministic_in_seed():
@@ -219,14 +218,18 @@ def test_generate_weights():
     assert (np.diff(w, axis=-1) <= 0).all()
 
 
-def test_generation_is_fast():
-    for model, n, t, budget in ((MIXTRAL, 64, 640, 2.0), (QWEN2, 8, 200, 1.0)):
-        cfg = RoutingConfig()
-        resolve_routing(model, cfg)  # calibration is cached; time generation only
-        start = time.perf_counter()
-        generate_routing(model, cfg, [t] * n, np.random.default_rng(0))
-        elapsed = time.perf_counter() - start
-        assert elapsed < budget, (model.name, elapsed)
+def test_long_requests_across_generation_chunks_are_well_formed():
+    """Requests much longer than a generation chunk (512 rows for Mixtral, 73 for Qwen2: the
+    noise is drawn chunk by chunk, keeps carried across chunk boundaries) come out whole and
+    valid. How fast generation runs at these sizes: ``python benchmarks/data_speed.py``."""
+    for model, n, t in ((MIXTRAL, 8, 640), (QWEN2, 8, 200)):
+        reqs = generate_routing(model, RoutingConfig(), [t] * n, np.random.default_rng(0))
+        assert [r.shape for r in reqs] == [(t, model.num_moe_layers, model.top_k)] * n
+        assert all(r.dtype == np.int16 for r in reqs)
+        rows = np.concatenate(reqs).reshape(-1, model.top_k)
+        assert rows.min() >= 0 and rows.max() < model.num_experts
+        srt = np.sort(rows, axis=1)
+        assert not (srt[:, 1:] == srt[:, :-1]).any()
 
 
 # ------------------------------------------------------------------ real trace statistics

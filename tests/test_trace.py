@@ -3,8 +3,6 @@ conversion (ordering, lengths, truncation), and one-line errors."""
 
 from __future__ import annotations
 
-import time
-
 import numpy as np
 import pandas as pd
 import pyarrow as pa
@@ -297,13 +295,13 @@ def test_file_errors_are_one_line(tmp_path, tiny_trace, case):
     assert isinstance(exc.value, ConfigError)
 
 
-def test_large_trace_converts_quickly(tmp_path):
+def test_large_trace_round_trips(tmp_path):
+    """640k rows come back exactly (how fast: ``python benchmarks/data_speed.py``)."""
     reqs = make_requests(MIXTRAL, [(i, 100, 101) for i in range(100)])  # 640k rows
     df = requests_to_frame(reqs, MIXTRAL)
+    assert len(df) == 100 * 200 * MIXTRAL.num_moe_layers
     path = tmp_path / "big.parquet"
     write_trace(path, df, TraceMeta.for_model(MIXTRAL, "big"))
-    start = time.perf_counter()
     got = load_trace_requests(path, MIXTRAL)
-    elapsed = time.perf_counter() - start
     assert len(got) == 100 and all(np.array_equal(g.experts, r.experts) for g, r in zip(got, reqs))
-    assert elapsed < 5.0, elapsed
+    assert [(g.prompt_len, g.output_len) for g in got] == [(100, 101)] * 100

@@ -45,27 +45,34 @@ def _check(model: str, path: Path, capacities: list[int]) -> None:
         assert hits >= int(stats.hits["min"][i].sum()), c
 
 
-@pytest.mark.skipif(not DEEPSEEK.is_dir(), reason="../shared/traces is not present")
-def test_deepseek_trace_engine_and_stats_agree(tmp_path):
-    dest = tmp_path / "deepseek.parquet"
+@pytest.fixture(scope="module")
+def deepseek_trace(tmp_path_factory) -> Path:
+    """The MoELens DeepSeek trace imported once (``moesim-trace import``) for this module's tests."""
+    if not DEEPSEEK.is_dir():
+        pytest.skip("../shared/traces is not present")
+    dest = tmp_path_factory.mktemp("deepseek") / "deepseek.parquet"
     assert trace_cli(["import", str(DEEPSEEK), str(dest), "--model", "deepseek_moe_16b"]) == 0
-    _check("deepseek_moe_16b", dest, [2, 6, 12, 24, 40])
+    return dest
+
+
+def test_deepseek_trace_engine_and_stats_agree(deepseek_trace):
+    _check("deepseek_moe_16b", deepseek_trace, [2, 6, 12, 24, 40])
 
 
 def test_synthetic_decode_trace_engine_and_stats_agree(tmp_path):
+    # 4 requests x (one 6-token prefill + 15 decode passes) at 16 MoE layers of 64 experts, top-8:
+    # every capacity below is filled within a few passes and then evicts on most of them.
     sc = compose_scenario(["model=olmoe_1b_7b", "workload.num_requests=4", "workload.prompt_len=6",
-                           "workload.output_len=30"])
+                           "workload.output_len=16"])
     reqs = build_requests(sc.workload, sc.model, 11)
     path = tmp_path / "olmoe.parquet"
     write_trace(path, requests_to_frame(reqs, sc.model), TraceMeta.for_model(sc.model, "test"))
     _check("olmoe_1b_7b", path, [1, 4, 8, 16, 30])
 
 
-@pytest.mark.skipif(not DEEPSEEK.is_dir(), reason="../shared/traces is not present")
 @pytest.mark.parametrize("capacity", [6, 24])
-def test_no_policy_beats_the_oracle_on_the_deepseek_trace(tmp_path, capacity):
-    dest = tmp_path / "deepseek.parquet"
-    assert trace_cli(["import", str(DEEPSEEK), str(dest), "--model", "deepseek_moe_16b"]) == 0
+def test_no_policy_beats_the_oracle_on_the_deepseek_trace(deepseek_trace, capacity):
+    dest = deepseek_trace
     results = {}
     # lookahead needs predicted_experts, which MoELens did not record.
     for policy in ("lru", "lfu", "speculating", "transition", "moe_infinity", "pregated", "fiddler", "oracle"):
