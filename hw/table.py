@@ -62,7 +62,7 @@ for a profiled target): what one drafter pass costs beyond what its op tables (`
 included, which was calibrated running the model as a target) say -- the draft running with the
 caches the target's verify pass left, the executor's host work per draft pass (argmax, softmax,
 bookkeeping). ``draft_pass_overhead_s``; a residual like ``layer_overhead``, so it is kept signed
-(the drafter clamps each pass's total at 0); without the row (older profiles), 0.
+(the drafter floors each pass's total at its attention blocks); without the row (older profiles), 0.
 
 Host execution (``host_expert_s``): the ``host_expert`` rows a CUDA profile carries, or on a CPU
 profile the expert curve itself (the host *is* the device) plus the measured

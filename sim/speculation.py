@@ -43,7 +43,9 @@ Each pass of a draft *model* (``drafter=model``: the draft prefill, every round 
 keep-alive pass) also costs ``cost.draft_pass_overhead_s(draft)``: what a drafter pass costs
 beyond its ops (``Table``: measured by ``moesim-profile`` from real speculation runs -- the draft
 runs with the caches the target's verify pass left, plus the executor's host work per draft pass;
-``Roofline``: 0). The pass's total is clamped at 0 (the measured value is a signed residual).
+``Roofline``: 0). The measured value is a signed residual (negative where the draft runs faster in
+the executor than its tables say; on a busy machine, of any size), so the pass's total is floored
+at its layers' attention blocks: a pass that does work never costs nothing.
 The other drafters do not get it: ``ngram`` runs no passes (a fixed ``ngram_lookup_s``); ``self``
 drafts through the target's own layers, whose tables were calibrated running the target; an
 ``eagle`` head has no tables or calibration of its own (the real executor does not run one), so
@@ -159,12 +161,14 @@ class Drafter:
 
     def _pass_s(self, shape: BatchShape, lm_positions: int) -> float:
         """One drafter pass on the device: its ops, plus (``drafter=model``) the cost model's
-        ``draft_pass_overhead_s``, the total clamped at 0 (module docstring)."""
+        ``draft_pass_overhead_s``, the total floored at the pass's attention blocks (module
+        docstring; ``Table`` floors each block at a measured positive time)."""
         ops = resident_forward_s(self.cost, self.spec, shape, lm_positions,
                                  self.resident_experts_per_layer if self.config.drafter == "self" else None)
         if self.config.drafter != "model":
             return ops
-        return max(0.0, ops + self.cost.draft_pass_overhead_s(self.spec))
+        floor = self.spec.num_layers * self.cost.attention_block_s(self.spec, shape)
+        return max(floor, ops + self.cost.draft_pass_overhead_s(self.spec))
 
     def round_passes(self, drafts: list[int], k: int) -> int:
         """Drafter passes one round runs (``round_s``): ``max drafts``; with every draft zero, one

@@ -7,6 +7,7 @@
   in one ``xdist_group`` (named after the module), so that with ``--dist loadgroup`` one worker
   runs them all and builds the fixture once, instead of each worker building its own copy.
   Other tests are scheduled one by one.
+* Hypothesis runs without its wall-clock limits (below).
 """
 
 from __future__ import annotations
@@ -21,6 +22,17 @@ from typing import Callable, Iterator
 import pytest
 
 SCRIPTS = Path(__file__).resolve().parents[1] / "scripts"
+
+# Hypothesis: no wall-clock limits (its per-example deadline, the too_slow health check on data
+# generation) -- they fail on a busy machine, and speed is not what these tests check. Tests'
+# own @settings(...) inherit these defaults.
+try:
+    from hypothesis import HealthCheck, settings as _hypothesis_settings
+except ImportError:   # pragma: no cover -- hypothesis is a test dependency
+    pass
+else:
+    _hypothesis_settings.register_profile("moesim", deadline=None, suppress_health_check=[HealthCheck.too_slow])
+    _hypothesis_settings.load_profile("moesim")
 
 
 @pytest.fixture
