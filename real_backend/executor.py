@@ -22,7 +22,8 @@ scenario, same requests, same policy objects, same record schema, same summarise
   default) means no cap. Policies with ``needs_future`` get ``sim.engine.record_future(...)``;
   policies with ``uses_predictions`` get the requests' ``predicted`` arrays as the simulator does.
   Lossy substitution (``speculating lossy=true``) is not supported here (one-line error).
-* **Serving loop**: ``sim.scheduler.BatchScheduler`` on the wall clock (``perf_counter`` from the run's
+* **Serving loop**: the simulator's own ``sim.loop.ServingLoop`` (scheduler, routing rows,
+  predictions, records, summary) on the wall clock (``perf_counter`` from the run's
   start); when nothing has arrived the executor sleeps until the next arrival. One pass is the
   simulator's pass: prefill of admitted requests or decode of all running ones. Each pass feeds
   real tokens (prompts drawn from the seed; decode feeds the argmax of the previous logits).
@@ -85,7 +86,6 @@ synchronize); written, not run on a GPU here.
 from __future__ import annotations
 
 import gc
-import sys
 import time
 from contextlib import nullcontext
 from dataclasses import dataclass, field
@@ -93,20 +93,17 @@ from pathlib import Path
 from typing import Any, Optional
 
 import numpy as np
-import pandas as pd
 import torch
 
 from hw.cost import CostModel, Roofline
 from hw.system import HOST, System, gpu_node
-from sim.engine import REQUEST_COLUMNS, STEP_COLUMNS, RunResult, host_crossover_tokens, record_future
-from sim.memory import default_activation_bytes, plan_memory
-from sim.metrics import summarize
+from sim.engine import RunResult, host_crossover_tokens, record_future
+from sim.loop import Idle, PassTimes, ServingLoop, Step, plan_run_memory
 from sim.policies.base import PolicyContext, PrefetchPolicy, StepInfo, prefetch_policy_class
-from sim.policies.speculation import RoundResult, SpecContext, SpeculationPolicy, speculation_policy_class
+from sim.policies.speculation import SpeculationPolicy, speculation_policy_class
 from sim.scenario import Scenario
-from sim.scheduler import BatchScheduler, RunningRequest
-from sim.speculation import Drafter, RejectedRouting, Round, plan_round, spec_columns
-from workloads.acceptance import AcceptanceSampler
+from sim.schedulers import RunningRequest
+from sim.speculation import Round
 from workloads.requests import Request, build_requests
 from workloads.validation import ConfigError
 
@@ -222,6 +219,12 @@ class _DenseRuntime:
 
     def end_step(self, step: int) -> StepCounters:
         return StepCounters()
+
+    def count_activation_bytes(self, nbytes: float) -> None:
+        raise RuntimeError("a dense model runs no experts on the host")
+
+    def poll(self) -> int:
+        return 0
 
     def close(self) -> None:
         pass
@@ -395,21 +398,7 @@ class RealExecutor:
 
     # ------------------------------------------------------------------ set-up
     def _plan_memory(self):
-        sc, wl = self.scenario, self.scenario.workload
-        longest = max(r.prompt_len + r.output_len for r in self.requests)
-        kv_tokens = sc.sim.kv_cache_tokens
-        if kv_tokens is None:
-            kv_tokens = min(wl.batch_size, len(self.requests)) * longest
-        act = sc.sim.activation_bytes
-        if act is None:
-            act = default_activation_bytes(self.spec, wl.max_prefill_tokens)
-        gpu = sc.hw.gpu
-        reserved = gpu.reserved_bytes
-        if self._speculating:   # as the simulator: the drafter's weights and KV cache beside the target's
-            drafter = Drafter.build(sc.speculation, self.spec, sc.draft_model, None)
-            reserved += drafter.resident_bytes + kv_tokens * drafter.kv_bytes_per_token
-        return plan_memory(self.spec, gpu.memory_bytes, reserved, kv_tokens, act,
-                           sc.prefetch.cache_scope, sc.prefetch.capacity_per_layer, sc.hw.name)
+        return plan_run_memory(self.scenario, self.requests)
 
     def _cost_model(self) -> CostModel:
         if self._cost is None:
@@ -454,6 +443,7 @@ class RealExecutor:
             torch.set_num_threads(self.threads)
         gc_was = gc.isenabled()
         rt = self._runtime()
+        self._future = future
         try:
             try:
                 rt.start(self.spec, seed=sc.seed, initial_residency=sc.sim.initial_residency,
@@ -484,26 +474,14 @@ class RealExecutor:
                 gc.enable()
             rt.close()
             torch.set_num_threads(old_threads)
-        steps = pd.DataFrame(self._step_rows, columns=STEP_COLUMNS)
-        reqs = pd.DataFrame(self._request_rows, columns=REQUEST_COLUMNS)
-        summary = summarize(steps, reqs)
-        summary["sim_wall_s"] = time.perf_counter() - wall0
-        summary["events"] = 0
-        summary["engine"] = "real"
-        summary["device"] = self.device.type
-        summary["torch_threads"] = self.threads or torch.get_num_threads()
-        summary["copy_worker_sched"] = sched
-        summary["copy_engine_busy_s"] = copy_busy
+        steps, reqs = self.loop.frames()
         parts = ["attention_s", "expert_compute_s", "other_compute_s", "copy_stall_s", "host_stall_s", "draft_s",
                  "reject_s"] + ([] if self._host_inline else ["host_expert_s"])   # on CPU: inside host_stall_s
-        summary["overhead_s"] = float((steps["duration_s"] - steps[parts].sum(axis=1)).sum())
-        summary.update(self.policy.report())
-        summary.update(self.spec_policy.report())
-        if future is not None:
-            summary["future_passes_overridden"] = future.overridden
-        summary["expert_slots"] = self.memory.total_slots
-        summary["expert_budget_bytes"] = self.memory.expert_budget_bytes
-        summary.update(sc.choices())
+        extra = {"sim_wall_s": time.perf_counter() - wall0, "events": 0, "engine": "real",
+                 "device": self.device.type, "torch_threads": self.threads or torch.get_num_threads(),
+                 "copy_worker_sched": sched, "copy_engine_busy_s": copy_busy,
+                 "overhead_s": float((steps["duration_s"] - steps[parts].sum(axis=1)).sum())}
+        summary = self.loop.summary(steps, reqs, self.memory, extra)
         if self.timeline is not None:
             track = f"copy {HOST}->{gpu_node(sc.sim.gpu)}"
             self.timeline.extend(r.span(self._t0, track) for r in records)
@@ -548,9 +526,6 @@ class RealExecutor:
     # ------------------------------------------------------------------ serving loop
     def _serve(self) -> None:
         sc, wl = self.scenario, self.scenario.workload
-        self._step_rows: list[dict] = []
-        self._request_rows: list[dict] = []
-        self._just_finished: list[int] = []
         self._seqs: dict[int, _Seq] = {}
         self.token_ids: dict[int, list[int]] = {}
         self.token_origins: dict[int, list[str]] = {}
@@ -558,54 +533,31 @@ class RealExecutor:
         max_seqs = max(1, min(wl.batch_size, len(self.requests)))
         self.kv = self.model.new_cache(max_seqs, longest + 1)
         self.dkv = self.draft.new_cache(max_seqs, longest + 1) if self.draft is not None else None
-        self.spec_policy.reset(SpecContext(self.spec, sc.speculation.k, sc.seed))
-        self._sampler = AcceptanceSampler(sc.speculation, sc.seed) if self._speculating else None
-        self._rejected = RejectedRouting(sc.seed)
         self._reject_gen = torch.Generator(device=self.device).manual_seed(sc.seed + 29)
         self._timer = _OpTimer(self)
         self._rng = np.random.default_rng(sc.seed + 17)
         M, K = self.spec.num_moe_layers, self.spec.top_k
         self._free_routing = ({r.request_id: np.full((r.prompt_len + r.output_len - 1, M, K), -1, dtype=np.int16)
                                for r in self.requests} if self.free_running else None)
-        sched = BatchScheduler(self.requests, wl.batch_size, wl.max_prefill_tokens)
-        bar = None
-        if self.progress:
-            from tqdm import tqdm
-
-            bar = tqdm(total=len(self.requests), unit="req", desc="real", file=sys.stderr, leave=False)
+        self.loop = loop = ServingLoop(sc, self.requests, self.rt, self.policy, self.spec_policy,
+                                       future=self._future, progress=self.progress,
+                                       progress_label="real")
         self._t0 = time.perf_counter()
-        step = 0
-        while not sched.done():
+        while True:
             now = time.perf_counter() - self._t0
-            p = sched.next_pass(now)
-            if p is None:
-                time.sleep(max(0.0, sched.next_arrival_s() - now))
+            s = loop.next_step(now, with_rows=not self.free_running)
+            if s is None:
+                break
+            if isinstance(s, Idle):
+                time.sleep(max(0.0, s.until_s - now))
                 continue
-            rnd = None
-            if p.phase == "decode" and self._speculating:   # the simulator's planning (not timed there either)
-                rnd = plan_round(self.spec_policy, self._sampler, p.batch, step, sc.speculation.k)
-            self._forward(p.phase, p.batch, step, rnd)
-            committed = None
-            if rnd is not None:
-                committed = rnd.committed([r.req.request_id for r in p.batch])
-                self.spec_policy.on_round_end(RoundResult(step, rnd.k, len(p.batch), sum(committed.values()),
-                                                          self._step_rows[-1]["duration_s"]))
-            for r in sched.complete(p, time.perf_counter() - self._t0, committed):
+            start, end, times = self._forward(s)
+            for r in loop.end_pass(s, start, end, times):
                 self._finish(r)
-                if bar is not None:
-                    bar.update(1)
-            step += 1
-        if bar is not None:
-            bar.close()
 
     def _finish(self, r: RunningRequest) -> None:
-        now = time.perf_counter() - self._t0
+        """A request is done (the loop wrote its record): free its KV slots, keep its tokens."""
         req = r.req
-        tpot = (now - r.first_token_s) / (req.output_len - 1) if req.output_len > 1 else float("nan")
-        self._request_rows.append({
-            "request_id": req.request_id, "arrival_s": req.arrival_s, "prompt_len": req.prompt_len,
-            "output_len": req.output_len, "first_token_s": r.first_token_s, "finish_s": now,
-            "ttft_s": r.first_token_s - req.arrival_s, "tpot_s": tpot})
         seq = self._seqs.pop(req.request_id, None)
         if seq is not None:
             self.kv.release(seq.slot)
@@ -613,58 +565,29 @@ class RealExecutor:
                 self.dkv.release(seq.dslot)
             self.token_ids[req.request_id] = seq.ids
             self.token_origins[req.request_id] = seq.origins
-        if self._sampler is not None:
-            self._sampler.forget(req.request_id)
-            self._rejected.forget(req.request_id)
-        self._just_finished.append(req.request_id)
 
     # ------------------------------------------------------------------ one pass
-    def _forward(self, phase: str, batch: list[RunningRequest], step: int, rnd: Optional[Round] = None) -> None:
-        """One pass: prefill, decode, or (``rnd``) a speculation round: draft, verify, rejection
-        sampling, commit and roll back (module docstring)."""
-        model, rt, spec, timer = self.model, self.rt, self.spec, self._timer
+    def _forward(self, s: Step) -> tuple[float, float, PassTimes]:
+        """One pass: prefill, decode, or (``s.rnd``) a speculation round: draft, verify, rejection
+        sampling, commit and roll back (module docstring). Returns its start, end and time split."""
+        model, timer, loop = self.model, self._timer, self.loop
         t_start = time.perf_counter()
         timer.reset()
-        V = spec.vocab_size
-        free = self.free_running
-        if rnd is not None:
-            cfg = self.scenario.speculation
-            rows = np.concatenate([   # the simulator's routing and seeding of rejected positions
-                self._rejected.rows(r.req.experts, r.pos, d, a, cfg.rejected_routing, spec.num_experts,
-                                    r.req.request_id)
-                for r, d, a in zip(batch, rnd.drafts, rnd.accepted)])
-            tokens = None   # drafted below, after the step began (prefetches overlap drafting, as simulated)
-        elif phase == "decode":
-            rows = None if free else np.stack([r.req.experts[r.pos] for r in batch])
-            tokens = [[self._seqs[r.req.request_id].next_token] for r in batch]
-        else:
-            rows = None if free else np.concatenate([r.req.experts[: r.req.prompt_len] for r in batch])
-            tokens = []
-            for r in batch:
-                prompt = self._rng.integers(0, V, size=r.req.prompt_len).tolist()
-                self._seqs[r.req.request_id] = _Seq(self.kv.allocate(), 0, ids=list(prompt),
-                                                    dslot=self.dkv.allocate() if self.dkv is not None else None)
-                tokens.append(prompt)
+        batch, rnd = s.batch, s.rnd
+        tokens = self._pass_tokens(s)
         slots = [self._seqs[r.req.request_id].slot for r in batch]
-        if free:
-            routing = None
-            T = sum(len(t) for t in tokens)
+        routing = None
+        if s.rows is not None:
+            rows = s.rows.astype(np.int64)
+            routing = {layer: rows[:, m, :] for m, layer in enumerate(self.spec.moe_layers)}
         else:
-            rows = rows.astype(np.int64)
-            routing = {layer: rows[:, m, :] for m, layer in enumerate(spec.moe_layers)}
-            T = int(rows.shape[0])
-        self._pred_rows = None
-        if self.policy.uses_predictions and all(r.req.predicted is not None for r in batch):
-            self._pred_rows = (np.stack([r.req.predicted[r.pos] for r in batch]) if phase == "decode"
-                               else np.concatenate([r.req.predicted[: r.req.prompt_len] for r in batch]))
-        composition = tuple(r.req.request_id for r in batch)
-        self._step, self._active, self._ran = step, [], {}
-        rt.begin_step(StepInfo(step, phase, composition, T, tuple(self._just_finished)))
-        self._just_finished.clear()
-        if phase == "prefill" and self.draft is not None:   # the draft model prefills every prompt
+            s.token_count = sum(len(t) for t in tokens)
+        self._step, self._ran = s, {}
+        loop.begin_pass(s)
+        if s.phase == "prefill" and self.draft is not None:   # the draft model prefills every prompt
             with timer("draft", None, None):
                 self.draft.forward(tokens, self.dkv, [self._seqs[r.req.request_id].dslot for r in batch])
-        if rnd is not None:
+        if rnd is not None:   # drafted after the step began (prefetches overlap drafting, as simulated)
             with timer("draft", None, None):
                 tokens, q, drafted = self._draft_round(batch, rnd)
         out = model.forward(tokens, self.kv, slots, routing=routing, get_expert=self._get_expert,
@@ -675,41 +598,51 @@ class RealExecutor:
                     ops.rejection_sampling(out.logits, q, drafted, generator=self._reject_gen)
             self._commit_round(batch, rnd, out.logits, drafted)
         else:
-            nxt = out.logits.argmax(dim=-1).tolist()   # synchronises on CUDA
-            for r, tok in zip(batch, nxt):
-                seq = self._seqs[r.req.request_id]
-                seq.next_token = int(tok)
-                seq.ids.append(int(tok))
-                seq.origins.append("T")
-        if free:
-            self._record_free_routing(phase, batch, out.routing)
-        c = rt.end_step(step)
+            self._commit_tokens(batch, out.logits.argmax(dim=-1).tolist())   # synchronises on CUDA
+        if self.free_running:
+            self._record_free_routing(s.phase, batch, out.routing)
+        self.rt.poll()
         t_end = time.perf_counter()
         timer.resolve_cuda()
         if self._record:
             self.recorded_passes.append({layer: sorted(ran) for layer, ran in self._ran.items()})
         start, end = t_start - self._t0, t_end - self._t0
-        if self.timeline is not None:
-            tl = self.timeline
-            tl.append(_span(f"{phase} step {step} (B={len(batch)})", "compute", start, end - start, "gpu compute"))
-            if not timer.cuda:
-                for cat, name, a, b in timer.spans:
-                    tl.append(_span(name, cat, a - self._t0, b - a, "ops"))
-        active = self._active
-        self._step_rows.append({
-            "step": step, "phase": phase, "start_s": start, "end_s": end, "duration_s": end - start,
-            "batch_size": len(batch), "tokens": T, "attention_s": timer.attention_s,
-            "expert_compute_s": timer.expert_s, "other_compute_s": timer.other_s,
-            "copy_stall_s": c.copy_stall_s, "host_expert_s": timer.host_expert_s,
-            "host_stall_s": timer.host_expert_s if self._host_inline else 0.0,   # module docstring
-            "h2d_bytes": c.h2d_bytes, "demand_bytes": c.demand_bytes, "prefetch_bytes": c.prefetch_bytes,
-            "hits": c.hits, "misses": c.misses, "late_prefetches": c.late_prefetches,
-            "prefetches": c.prefetches, "useful_prefetches": c.useful_prefetches,
-            "demand_loads": c.demand_loads, "host_runs": c.host_runs,
-            "wasted_prefetch_bytes": c.wasted_prefetch_bytes,
-            "active_experts_mean": sum(active) / len(active) if active else float("nan"),
-            "active_experts_per_layer": active,
-            **spec_columns(len(batch), rnd, timer.draft_s, timer.reject_s)})
+        self._timeline_pass(s, start, end)
+        return start, end, PassTimes(
+            attention_s=timer.attention_s, expert_compute_s=timer.expert_s, other_compute_s=timer.other_s,
+            host_stall_s=timer.host_expert_s if self._host_inline else 0.0,   # copy stall: the runtime's counter
+            host_expert_s=timer.host_expert_s, draft_s=timer.draft_s, reject_s=timer.reject_s)
+
+    def _pass_tokens(self, s: Step) -> list:
+        """The token ids each request feeds this pass (prefill: a fresh prompt from the seed, and its
+        KV slots; decode: the last committed token; a round: drafted later, in ``_forward``)."""
+        if s.rnd is not None:
+            return []
+        if s.phase == "decode":
+            return [[self._seqs[r.req.request_id].next_token] for r in s.batch]
+        tokens = []
+        for r in s.batch:
+            prompt = self._rng.integers(0, self.spec.vocab_size, size=r.req.prompt_len).tolist()
+            self._seqs[r.req.request_id] = _Seq(self.kv.allocate(), 0, ids=list(prompt),
+                                                dslot=self.dkv.allocate() if self.dkv is not None else None)
+            tokens.append(prompt)
+        return tokens
+
+    def _commit_tokens(self, batch: list[RunningRequest], nxt: list[int]) -> None:
+        for r, tok in zip(batch, nxt):
+            seq = self._seqs[r.req.request_id]
+            seq.next_token = int(tok)
+            seq.ids.append(int(tok))
+            seq.origins.append("T")
+
+    def _timeline_pass(self, s: Step, start: float, end: float) -> None:
+        if self.timeline is None:
+            return
+        tl, timer = self.timeline, self._timer
+        tl.append(_span(f"{s.phase} step {s.index} (B={len(s.batch)})", "compute", start, end - start, "gpu compute"))
+        if not timer.cuda:
+            for cat, name, a, b in timer.spans:
+                tl.append(_span(name, cat, a - self._t0, b - a, "ops"))
 
     # ------------------------------------------------------------------ speculation
     def _draft_round(self, batch: list[RunningRequest], rnd: Round
@@ -815,24 +748,13 @@ class RealExecutor:
         return out
 
     def _on_routed(self, layer: int, experts: list[int], counts: list[int]) -> list[int]:
-        """The layer's router has run: the runtime's per-layer protocol (policy, demand loads,
-        prefetches); returns the order to run the experts: resident first, then those being
-        copied (routing order), then host-run ones (the simulator's order)."""
-        predicted = None
-        if self._pred_rows is not None:
-            m = self.spec.moe_layer_index[layer]
-            if m + 1 < len(self.spec.moe_layers):
-                p = np.unique(self._pred_rows[:, m, :])
-                predicted = {self.spec.moe_layers[m + 1]: p[p >= 0].tolist()}
-        acc = self.rt.begin_layer(self._step, layer, experts, counts, predicted)
+        """The layer's router has run: the loop's per-layer protocol (predictions, policy, copy
+        orders); returns the order to run the experts: resident first, then those being copied
+        (routing order), then host-run ones (the simulator's order)."""
+        acc = self.loop.layer(self._step, layer, experts, counts)
         self._layer_open = True
-        self._active.append(len(experts))
         self._host_experts = set(acc.host)
         self._prev_key = None
-        if acc.host:  # outputs of host-run experts come back to the device (as the simulator counts)
-            by_e = dict(zip(experts, counts))
-            for e in acc.host:
-                self.rt.count_activation_bytes(by_e[e] * self.spec.hidden_size * self.spec.act_bytes_per_elem)
         return list(acc.on_device) + list(acc.host)
 
     def _get_expert(self, layer: int, e: int):
@@ -854,7 +776,7 @@ class RealExecutor:
         if self._prev_key is not None:
             self.rt.release(self._prev_key)
             self._prev_key = None
-        self.rt.end_layer()
+        self.loop.end_layer()
         self._layer_open = False
         self._host_experts = set()
 

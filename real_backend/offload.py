@@ -14,7 +14,7 @@ What it models, piece by piece (the simulator's counterparts in brackets):
   meaning: a slot is *reserved* when a copy into it is issued (the expert is then *in flight*)
   until the expert is evicted; *resident* once the copy has landed; ``can_evict`` = resident and
   not pinned (pinned = needed by the layer running now).
-* ``CopyEngine`` [``sim.engine.CopyEngine``]: the host->device direction of the link. One worker
+* ``CopyEngine`` [``sim.engine.PriorityServer``]: the host->device direction of the link. One worker
   thread serves a priority queue: lowest priority value first (demand loads = 0, prefetches =
   1 + the plan's priority), FIFO within a priority, one copy at a time, non-preemptive.
   On CPU the worker does the copy itself (a ``memmove`` that releases the GIL) and can shape it to a
@@ -23,12 +23,12 @@ What it models, piece by piece (the simulator's counterparts in brackets):
   too). On CUDA the worker enqueues ``copy_(non_blocking=True)`` from pinned memory on a dedicated
   copy stream, records an event and waits for it before taking the next job (so the host-side
   priority order is the order the copy engine runs them); compute streams wait on the event.
-* ``OffloadRuntime``: the facade the executor uses. It carries out the same per-layer protocol as
-  ``sim.engine.Engine``: pin the layer's experts, ``policy.on_routed`` -> plan, classify each
-  needed expert (hit / late prefetch / host run / demand load), issue demand loads, then the plan's
-  prefetches; ``policy.victim`` when a slot is needed and none is free; staging when the policy
-  names no victim. It keeps the step counters with the meanings of ``sim.metrics`` (demand,
-  prefetch, wasted-prefetch bytes, hits, misses, late and useful prefetches, copy stall) and a
+* ``OffloadRuntime``: the facade the executor uses, the real backend's ``OffloadPort`` of the
+  serving loop (``sim.loop``). The per-layer protocol and every counter are the simulator's own
+  ``sim.cache_controller.CacheController`` (pin, ``policy.on_routed`` -> plan, hit / late
+  prefetch / host run / demand load, victims, staging when the policy names no victim); the
+  runtime is its ``CopySink``: it carries the controller's copy orders out into device slots and
+  staging buffers, lands finished copies at its landing points, measures copy stall and keeps a
   record per copy (``CopyRecord``). It moves tensors; it never runs an expert.
 
 Synchronous copies (``synchronous_copies=True``, ``CopyEngine(synchronous=True)``): no worker
@@ -89,18 +89,20 @@ import sys
 import threading
 import time
 import warnings
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field
 from typing import Any, Iterable, Literal, Mapping, Optional, Sequence
 
 import torch
 
-from sim.engine import DEMAND_PRIORITY, PREFETCH_PRIORITY_BASE
+from sim.cache_controller import (DEMAND_PRIORITY, CacheController, CopyKind, CopyOrder, LayerAccess,
+                                  StepCounters)
 from sim.memory import STAGING_EXPERTS, ExpertCache
-from sim.policies.base import (ExpertKey, Plan, PolicyContext, Prefetch, PrefetchPolicy, RunOnHost, StepInfo)
+from sim.policies.base import ExpertKey, Plan, PolicyContext, PrefetchPolicy, StepInfo
 from workloads.validation import ConfigError
 
 ALIGN_BYTES = 64
-CopyKind = Literal["demand", "prefetch", "staging"]
+__all__ = ["HostStore", "DeviceSlotPool", "CopyEngine", "OffloadRuntime", "StepCounters", "LayerAccess",
+           "CopyRecord", "CopyJob", "ExpertLayout"]
 
 
 def _key(key: Sequence[int]) -> ExpertKey:
@@ -665,60 +667,9 @@ class CopyEngine:
 
 
 # ============================================================================================ runtime
-@dataclass
-class StepCounters:
-    """What the runtime counted since the last ``take_counters``/``begin_step``; the step-record
-    columns of ``sim.metrics`` with the same meanings (bytes are payload bytes)."""
-
-    demand_bytes: float = 0.0
-    prefetch_bytes: float = 0.0
-    activation_bytes: float = 0.0       # host-run experts' outputs coming back (``count_activation_bytes``)
-    wasted_prefetch_bytes: float = 0.0  # prefetched experts evicted before any use
-    prefetches: int = 0                 # prefetch copies issued
-    useful_prefetches: int = 0          # prefetched experts used before eviction
-    demand_loads: int = 0               # needed experts copied on demand (into a slot or staging)
-    staged_loads: int = 0               # of which into a staging buffer (not cached)
-    hits: int = 0                       # needed experts resident when the layer routed
-    misses: int = 0
-    late_prefetches: int = 0            # misses already being copied
-    host_runs: int = 0                  # misses the policy ran on the host (on_miss -> "host")
-    copy_stall_s: float = 0.0           # time compute waited for copies
-
-    @property
-    def h2d_bytes(self) -> float:
-        return self.demand_bytes + self.prefetch_bytes + self.activation_bytes
-
-    def __add__(self, other: "StepCounters") -> "StepCounters":
-        return StepCounters(**{f.name: getattr(self, f.name) + getattr(other, f.name) for f in fields(self)})
-
-    def to_dict(self) -> dict:
-        d = asdict(self)
-        d["h2d_bytes"] = self.h2d_bytes
-        return d
-
-
-@dataclass
-class LayerAccess:
-    """How ``begin_layer`` served one MoE layer's needed experts (expert ids, in routing order)."""
-
-    layer: int
-    hits: list[int] = field(default_factory=list)     # resident: weights ready
-    late: list[int] = field(default_factory=list)     # being copied (a prefetch): weights() waits
-    loads: list[int] = field(default_factory=list)    # demand-loaded into a cache slot
-    staged: list[int] = field(default_factory=list)   # demand-loaded into a staging buffer (not cached)
-    host: list[int] = field(default_factory=list)     # the policy runs them on the host: use HostStore.tensors
-    waiting: list[int] = field(default_factory=list)  # late + loads + staged, in routing order
-    plan: Plan = ()
-
-    @property
-    def on_device(self) -> list[int]:
-        """Experts ``weights()`` serves, in the order the simulator computes them: resident ones
-        first, then the ones being copied, in routing order."""
-        return self.hits + self.waiting
-
-
 class OffloadRuntime:
-    """The real expert cache driven by a policy object, with the simulator's per-layer protocol.
+    """The real backend's expert cache: device slots, staging buffers and the copy engine, driven by
+    the shared ``sim.cache_controller.CacheController`` (which calls the policy and counts).
 
     Per forward pass (all calls from the thread that created the runtime)::
 
@@ -772,20 +723,22 @@ class OffloadRuntime:
         self.num_experts = store.num_experts
         self.expert_bytes = store.expert_bytes
         self._owner = threading.get_ident()
+        self.controller = CacheController(self.pool, policy, self.expert_bytes, self)
         self._jobs: dict[ExpertKey, CopyJob] = {}          # copies into cache slots, not landed yet
         self._staged: dict[ExpertKey, CopyJob] = {}        # this layer's staged loads
         self._staging_free = list(range(staging_buffers))  # heap
         self._staging_backlog: collections.deque[CopyJob] = collections.deque()
-        self._unused_prefetch: set[ExpertKey] = set()      # landed by a prefetch, not used yet
-        self._prefetch_in_flight: set[ExpertKey] = set()   # prefetch copies not landed yet
         self._records: list[CopyRecord] = []
         self._cuda_stalls: list[tuple[Any, Any]] = []
         # CPU: for each wait that blocked, from the copy's end (worker clock) to this thread resuming.
         self.resume_delays_s: list[float] = []
         self._layer: Optional[int] = None
-        self.counters = StepCounters()
-        self._taken = StepCounters()
         self.initial_resident: tuple[ExpertKey, ...] = ()
+
+    @property
+    def counters(self) -> StepCounters:
+        """The open step's counters (the controller's)."""
+        return self.controller.counters
 
     # ------------------------------------------------------------------ lifecycle
     def start(self, model, *, seed: int = 0, initial_residency: Literal["fill", "empty"] = "fill",
@@ -811,14 +764,7 @@ class OffloadRuntime:
         if self.is_cuda and initial:
             self._cuda.synchronize()
         self.initial_resident = tuple(initial)
-        ctx = PolicyContext(model, self.pool.cache_scope, self.pool.slots_per_layer, self.pool.total_slots,
-                            tuple(initial), seed, host_crossover_tokens)
-        self.policy.reset(ctx)
-        if future is not None:
-            self.policy.set_future(future)
-        elif self.policy.needs_future:
-            raise ValueError(f"policy {self.policy.name} needs the future routing: pass future=...")
-        return ctx
+        return self.controller.start(model, initial, seed, host_crossover_tokens, future)
 
     def close(self) -> None:
         self.copier.close()
@@ -843,10 +789,7 @@ class OffloadRuntime:
             raise RuntimeError("begin_step() inside a layer: call end_layer() first")
         self.poll()
         self.take_counters()
-        plan = self.policy.on_step_begin(info, self.pool)
-        if plan:
-            self.execute(plan)
-        return plan
+        return self.controller.begin_step(info)
 
     def begin_layer(self, step: int, layer: int, experts: Sequence[int], counts: Optional[Sequence[int]] = None,
                     predicted: Optional[Mapping[int, Sequence[int]]] = None) -> LayerAccess:
@@ -865,39 +808,8 @@ class OffloadRuntime:
             raise ValueError(f"{len(ids)} experts but {len(counts)} counts")
         if len(set(ids)) != len(ids):
             raise ValueError(f"begin_layer({layer}): experts must be distinct, got {ids}")
-        pool, policy, c = self.pool, self.policy, self.counters
-        pool.pinned = {(layer, e) for e in ids}  # from here on, nothing this layer needs is evicted
         self._layer = layer
-        plan = policy.on_routed(step, layer, ids, predicted, pool, counts)
-        acc = LayerAccess(layer)
-        for e, n in zip(ids, counts):
-            key = (layer, e)
-            if key in pool.resident:
-                c.hits += 1
-                acc.hits.append(e)
-                if key in self._unused_prefetch:
-                    self._unused_prefetch.discard(key)
-                    c.useful_prefetches += 1
-                continue
-            c.misses += 1
-            if key in self._jobs:
-                c.late_prefetches += 1
-                acc.late.append(e)
-                acc.waiting.append(e)
-                if key in self._unused_prefetch or key in self._prefetch_in_flight:
-                    self._prefetch_in_flight.discard(key)
-                    c.useful_prefetches += 1
-            elif policy.on_miss(layer, e, n, pool) == "host":
-                c.host_runs += 1
-                acc.host.append(e)
-            else:
-                job = self.demand_load(key)
-                (acc.staged if job.kind == "staging" else acc.loads).append(e)
-                acc.waiting.append(e)
-        if plan:
-            self.execute(plan)
-        acc.plan = tuple(plan)
-        return acc
+        return self.controller.begin_layer(step, layer, ids, counts, predicted)
 
     def weights(self, key: ExpertKey) -> tuple[torch.Tensor, ...]:
         """The expert's tensors on the device, for the running layer's needed experts. Waits for
@@ -964,7 +876,7 @@ class OffloadRuntime:
                 sid = self.pool.slot_id(key)
                 if sid is not None:
                     self.pool.fences[sid] = ev
-        self.pool.pinned = set()
+        self.controller.end_layer()
         self._layer = None
 
     def end_step(self, step: int) -> StepCounters:
@@ -974,8 +886,8 @@ class OffloadRuntime:
         if self._layer is not None:
             raise RuntimeError("end_step() inside a layer: call end_layer() first")
         self.poll()
-        self.policy.on_step_end(step, self.pool)
-        return self.take_counters()
+        self._resolve_cuda_stalls()
+        return self.controller.end_step(step)
 
     # ------------------------------------------------------------------ copies
     def demand_load(self, key: ExpertKey) -> CopyJob:
@@ -992,19 +904,8 @@ class OffloadRuntime:
             return self._staged[key]
         if self._layer is None:
             raise RuntimeError(f"demand_load({key}) outside a layer: demand loads belong to begin_layer/end_layer")
-        self.counters.demand_bytes += self.expert_bytes
-        self.counters.demand_loads += 1
-        slot = self._make_room(key)
-        if slot is not None:
-            return self._submit(key, "demand", DEMAND_PRIORITY, slot)
-        self.counters.staged_loads += 1
-        job = CopyJob(key, "staging", DEMAND_PRIORITY, self.expert_bytes, src=self.store.flat(key))
-        self._staged[key] = job
-        if self._staging_free:
-            self._submit_staged(job)
-        else:
-            self._staging_backlog.append(job)
-        return job
+        staged = self.controller.demand_load(key)
+        return self._staged[key] if staged else self._jobs[key]
 
     def prefetch(self, key: ExpertKey, priority: int = 0) -> Optional[CopyJob]:
         """Start copying ``key`` into the cache behind demand loads (queue priority
@@ -1012,26 +913,25 @@ class OffloadRuntime:
         self._check_thread()
         key = _key(key)
         self._check_key(key)
-        if key in self.pool.resident or key in self.pool.in_flight:
-            return None
-        slot = self._make_room(key)
-        if slot is None:
-            return None
-        self.counters.prefetch_bytes += self.expert_bytes
-        self.counters.prefetches += 1
-        self._prefetch_in_flight.add(key)
-        return self._submit(key, "prefetch", PREFETCH_PRIORITY_BASE + int(priority), slot)
+        return self._jobs[key] if self.controller.prefetch(key, priority) else None
 
     def execute(self, plan: Plan) -> None:
-        """Carry out a policy plan (``sim.engine.Engine._execute``)."""
+        """Carry out a policy plan (the controller's ``execute``)."""
         self._check_thread()
-        for action in plan:
-            if isinstance(action, Prefetch):
-                self.prefetch((action.layer, action.expert), action.priority)
-            elif isinstance(action, RunOnHost):
-                raise ValueError("RunOnHost is answered through on_miss(...) -> 'host', not planned ahead")
-            else:
-                raise TypeError(f"unknown plan action {action!r}")
+        self.controller.execute(plan)
+
+    def copy(self, order: CopyOrder) -> None:
+        """``CopySink``: carry out the controller's copy order (a slot copy, or staging)."""
+        key = order.key
+        if order.kind != "staging":
+            self._submit(key, order.kind, order.priority, order.slot)
+            return
+        job = CopyJob(key, "staging", DEMAND_PRIORITY, self.expert_bytes, src=self.store.flat(key))
+        self._staged[key] = job
+        if self._staging_free:
+            self._submit_staged(job)
+        else:
+            self._staging_backlog.append(job)
 
     def poll(self) -> int:
         """Land the copies that have finished, in completion order: mark them resident and tell
@@ -1046,13 +946,8 @@ class OffloadRuntime:
             self._records.append(job.record())
             if job.kind == "staging":
                 continue
-            key = job.key
-            self._jobs.pop(key, None)
-            self.pool.land(key)
-            if job.kind == "prefetch" and key in self._prefetch_in_flight:
-                self._prefetch_in_flight.discard(key)
-                self._unused_prefetch.add(key)
-            self.policy.on_copy_done(key[0], key[1], self.pool)
+            self._jobs.pop(job.key, None)
+            self.controller.landed(job.key, job.kind)
         return len(done)
 
     def wait(self, key: ExpertKey) -> None:
@@ -1073,21 +968,19 @@ class OffloadRuntime:
 
     def count_activation_bytes(self, nbytes: float) -> None:
         """Host-run experts' outputs copied back to the device (the executor moves them)."""
-        self.counters.activation_bytes += nbytes
+        self.controller.count_activation_bytes(nbytes)
 
     # ------------------------------------------------------------------ counters and records
     def take_counters(self) -> StepCounters:
         """The counters since the last call (CUDA stalls resolved), and start new ones."""
         self._check_thread()
         self._resolve_cuda_stalls()
-        out, self.counters = self.counters, StepCounters()
-        self._taken = self._taken + out
-        return out
+        return self.controller.take_counters()
 
     @property
     def totals(self) -> StepCounters:
         """Counters over the whole run so far (CUDA stalls of the open step not yet included)."""
-        return self._taken + self.counters
+        return self.controller.totals
 
     @property
     def copy_records(self) -> list[CopyRecord]:
@@ -1103,20 +996,6 @@ class OffloadRuntime:
         if key not in self.store:
             raise KeyError(f"expert {key} is not in the HostStore (layers {self.moe_layers}, "
                            f"experts 0..{self.num_experts - 1})")
-
-    def _make_room(self, key: ExpertKey) -> Optional[torch.Tensor]:
-        """Reserve a slot for ``key``, evicting the policy's victim if needed; None if it names none."""
-        pool = self.pool
-        if pool.free_slots(key[0]) <= 0:
-            victim = self.policy.victim(key[0], key[1], pool)
-            if victim is None:
-                return None
-            victim = _key(victim)
-            pool.evict(victim)
-            if victim in self._unused_prefetch:
-                self._unused_prefetch.discard(victim)
-                self.counters.wasted_prefetch_bytes += self.expert_bytes
-        return pool.reserve(key)
 
     def _submit(self, key: ExpertKey, kind: CopyKind, priority: int, dst: torch.Tensor) -> CopyJob:
         fence = self.pool.fences.get(self.pool.slot_id(key)) if self.is_cuda else None

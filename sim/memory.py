@@ -130,7 +130,10 @@ class ExpertCache:
     def _init_pools(self, cache_scope: str, slots_per_layer: Optional[int], total_slots: int,
                     moe_layers) -> None:
         self.moe_layers = tuple(moe_layers)
+        self.cache_scope = cache_scope
         self.per_layer = cache_scope == "per_layer"
+        self.slots_per_layer = slots_per_layer if self.per_layer else None
+        self.total_slots = slots_per_layer * len(self.moe_layers) if self.per_layer else total_slots
         self.capacity = {layer: slots_per_layer for layer in self.moe_layers} if self.per_layer \
             else {-1: total_slots}
         self.used = {b: 0 for b in self.capacity}

@@ -24,9 +24,9 @@ import torch
 
 from real_backend.offload import (CopyEngine, CopyJob, DeviceSlotPool, ExpertLayout, HostStore, OffloadRuntime,
                                   _TorchCuda)
-from sim.engine import DEMAND_PRIORITY, PREFETCH_PRIORITY_BASE
+from sim.cache_controller import CacheController
 from sim.memory import ExpertCache, MemoryBudget
-from sim.policies.base import PolicyContext, Prefetch, PrefetchConfig, StepInfo
+from sim.policies.base import Prefetch, PrefetchConfig, StepInfo
 from sim.policies.prefetch import LFU, LRU, GateLookahead
 from workloads.model import ModelSpec
 from workloads.validation import ConfigError
@@ -57,10 +57,31 @@ def same_bits(a, b) -> bool:
                                     for x, y in zip(a, b))
 
 
-# ============================================================================ the simulator's cache, by hand
+# ============================================================================ the controller, copies landing by hand
+class LayerEndSink:
+    """A ``CopySink`` whose copies all land at the end of their layer, in copy-engine order
+    (priority, then issue order); staging copies land nowhere."""
+
+    def __init__(self):
+        self.queue: list = []
+        self.seq = 0
+        self.controller = None
+
+    def copy(self, order) -> None:
+        heapq.heappush(self.queue, (order.priority, self.seq, order))
+        self.seq += 1
+
+    def land_all(self) -> None:
+        while self.queue:
+            order = heapq.heappop(self.queue)[2]
+            if order.kind != "staging":
+                self.controller.landed(order.key, order.kind)
+
+
 class RefEngine:
-    """``sim.engine.Engine``'s per-layer cache protocol over ``sim.memory.ExpertCache``, with every
-    copy landing at the end of its layer (in copy-engine order: priority, then issue order)."""
+    """The shared ``CacheController`` over a plain ``ExpertCache`` (the simulator's), every copy
+    landing at the end of its layer: what the real runtime must reproduce with its own buffers,
+    copy thread, staging and landing points when it drains after each layer."""
 
     def __init__(self, model, policy, scope, cap, total, fill=True):
         per_layer = scope == "per_layer"
@@ -68,80 +89,19 @@ class RefEngine:
         budget = MemoryBudget(0, 0, 0, 0, 0, 0, scope, cap if per_layer else None, total)
         self.cache = ExpertCache(budget, model.moe_layers)
         initial = self.cache.initial_fill(model) if fill else []
-        self.policy = policy
-        policy.reset(PolicyContext(model, scope, cap if per_layer else None, total, tuple(initial)))
-        self.B = model.expert_bytes
-        self.queue: list = []
-        self.seq = 0
-        self.in_copy: set = set()
-        self.unused: set = set()
-        self.pf_in_flight: set = set()
-        self.c = dict(hits=0, misses=0, demand_loads=0, staged=0, demand_bytes=0, prefetch_bytes=0,
-                      prefetches=0, wasted=0, useful=0, late=0)
+        self.sink = LayerEndSink()
+        self.ctl = CacheController(self.cache, policy, model.expert_bytes, self.sink)
+        self.sink.controller = self.ctl
+        self.ctl.start(model, initial)
 
-    def _room(self, key) -> bool:
-        if self.cache.free_slots(key[0]) <= 0:
-            v = self.policy.victim(key[0], key[1], self.cache)
-            if v is None:
-                return False
-            self.cache.evict(v)
-            if v in self.unused:
-                self.unused.discard(v)
-                self.c["wasted"] += self.B
-        self.cache.reserve(key)
-        return True
-
-    def _copy(self, prio, key, kind):
-        heapq.heappush(self.queue, (prio, self.seq, key, kind))
-        self.seq += 1
-        if kind != "staging":
-            self.in_copy.add(key)
+    @property
+    def c(self) -> dict:
+        return _counters_of(self.ctl.totals)
 
     def layer(self, step, layer, ids, predicted=None):
-        cache, pol, c = self.cache, self.policy, self.c
-        cache.pinned = {(layer, e) for e in ids}
-        plan = pol.on_routed(step, layer, ids, predicted, cache, [1] * len(ids))
-        for e in ids:
-            key = (layer, e)
-            if key in cache.resident:
-                c["hits"] += 1
-                if key in self.unused:
-                    self.unused.discard(key)
-                    c["useful"] += 1
-                continue
-            c["misses"] += 1
-            if key in self.in_copy:
-                c["late"] += 1
-                if key in self.unused or key in self.pf_in_flight:
-                    self.pf_in_flight.discard(key)
-                    c["useful"] += 1
-                continue
-            c["demand_loads"] += 1
-            c["demand_bytes"] += self.B
-            if self._room(key):
-                self._copy(DEMAND_PRIORITY, key, "demand")
-            else:
-                c["staged"] += 1
-                self._copy(DEMAND_PRIORITY, key, "staging")
-        for a in plan:
-            key = (a.layer, a.expert)
-            if key in cache.resident or key in cache.in_flight or not self._room(key):
-                continue
-            c["prefetch_bytes"] += self.B
-            c["prefetches"] += 1
-            self.pf_in_flight.add(key)
-            self._copy(PREFETCH_PRIORITY_BASE + a.priority, key, "prefetch")
-        while self.queue:  # the layer ends; every copy lands, in copy-engine order
-            _, _, key, kind = heapq.heappop(self.queue)
-            if kind == "staging":
-                continue
-            self.in_copy.discard(key)
-            cache.land(key)
-            if kind == "prefetch" and key in self.pf_in_flight:
-                self.pf_in_flight.discard(key)
-                self.unused.add(key)
-            pol.on_copy_done(key[0], key[1], cache)
-        cache.pinned = set()
+        self.ctl.begin_layer(step, layer, ids, [1] * len(ids), predicted)
+        self.ctl.end_layer()
+        self.sink.land_all()
 
 
 def access_sequence(model, steps, seed, max_needed=5):

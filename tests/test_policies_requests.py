@@ -100,7 +100,7 @@ def test_poisson_workload_runs_with_idle_gaps():
 
 
 def test_requests_are_served_in_the_order_given_when_they_arrive_together():
-    from sim.scheduler import BatchScheduler
+    from sim.schedulers import BatchScheduler
     from workloads.requests import Request
 
     reqs = [Request(rid, 0.0, 2, 2, np.zeros((3, 1, 1), dtype=np.int16)) for rid in (9, 2, 5)]

@@ -127,15 +127,15 @@ def test_ngram_prompt_lookup():
 class _Checked(RealExecutor):
     """Checks the KV caches against the committed context at the start of every decode pass."""
 
-    def _forward(self, phase, batch, step, rnd=None):
-        if phase == "decode":
-            for r in batch:
+    def _forward(self, s):
+        if s.phase == "decode":
+            for r in s.batch:
                 seq = self._seqs[r.req.request_id]
                 assert self.kv.lengths[seq.slot] == r.pos == r.req.prompt_len + r.generated - 1
                 assert len(seq.ids) == r.pos + 1 and seq.ids[-1] == seq.next_token
                 if self.dkv is not None:
                     assert r.pos - 1 <= self.dkv.lengths[seq.dslot] <= r.pos
-        return super()._forward(phase, batch, step, rnd)
+        return super()._forward(s)
 
 
 @pytest.mark.parametrize("extra", [[], ["policy.speculation.rejected_routing=random", "policy.speculation.alpha=0.3"],

@@ -1,17 +1,32 @@
-"""Continuous batching: which requests the next forward pass carries. Pure logic, shared by engines.
+"""Schedulers: which requests each forward pass carries, and how many tokens each. Pure logic.
 
-Both the SimPy engine (simulated time) and the real executor (wall-clock time) ask the same
-``BatchScheduler``: when requests wait and fewer than ``batch_size`` run, the next pass is a
-prefill of waiting requests (prefill first, as vLLM schedules; at most ``max_prefill_tokens``
-prompt tokens, at least one request); otherwise it is a decode pass of every running request.
+The serving loop (``sim.loop``) asks its scheduler once per pass, in simulated time (the SimPy
+backend) or wall-clock time (the real executor); a scheduler never sees a backend. The seam::
+
+    class Scheduler(Protocol):
+        def done(self) -> bool
+        def next_arrival_s(self) -> float | None          # when nothing runs: idle until then
+        def next_pass(self, now_s) -> Pass | None          # None: nothing has arrived yet
+        def complete(self, pass_, now_s, committed) -> list[RunningRequest]   # the pass is over
+
+Schedulers register by name (``register_scheduler``) and are chosen by ``scheduler=NAME``
+(``conf/scheduler/NAME.yaml``, ``SchedulerConfig``); ``build_scheduler(scenario, requests)`` builds
+the scenario's. A new scheduler (the vLLM V1 token-budget scheduler of a later issue) is a class here
+with ``@register_scheduler("name")`` and a YAML file: the loop and both backends need no change.
+
+``continuous`` (``BatchScheduler``): when requests wait and fewer than ``workload.batch_size``
+run, the next pass is a prefill of waiting requests (prefill first, as vLLM schedules; at most
+``workload.max_prefill_tokens`` prompt tokens, at least one request); otherwise it is a decode
+pass of every running request.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Literal, Mapping, Optional, Sequence
+from typing import Callable, Literal, Mapping, Optional, Protocol, Sequence
 
 from workloads.requests import Request
+from workloads.validation import ConfigError
 
 
 @dataclass
@@ -32,7 +47,56 @@ class Pass:
     batch: list[RunningRequest] = field(default_factory=list)
 
 
+class Scheduler(Protocol):
+    """The scheduler seam (module docstring)."""
+
+    def done(self) -> bool: ...
+    def next_arrival_s(self) -> Optional[float]: ...
+    def next_pass(self, now_s: float) -> Optional[Pass]: ...
+    def complete(self, p: Pass, now_s: float, committed: Optional[Mapping[int, int]] = None) -> list[RunningRequest]: ...
+
+
+@dataclass(frozen=True)
+class SchedulerConfig:
+    """The ``scheduler`` node: which registered scheduler runs the passes."""
+
+    name: str = "continuous"
+
+    def validate(self, key: str = "scheduler") -> None:
+        if self.name not in _SCHEDULERS:
+            raise ConfigError(f"{key}.name={self.name} is not a known scheduler; choose one of: "
+                              f"{', '.join(sorted(_SCHEDULERS))}")
+
+
+_SCHEDULERS: dict[str, Callable] = {}
+
+
+def register_scheduler(name: str):
+    """Class decorator: make a scheduler available as ``scheduler=name``. Its constructor takes
+    ``(scenario, requests)``."""
+    def deco(cls):
+        if name in _SCHEDULERS:
+            raise ValueError(f"scheduler {name!r} is registered twice")
+        _SCHEDULERS[name] = cls
+        return cls
+    return deco
+
+
+def scheduler_names() -> list[str]:
+    return sorted(_SCHEDULERS)
+
+
+def build_scheduler(scenario, requests: Sequence[Request]) -> Scheduler:
+    """The scenario's scheduler over ``requests``."""
+    cfg = getattr(scenario, "scheduler", None) or SchedulerConfig()
+    cfg.validate()
+    return _SCHEDULERS[cfg.name].from_scenario(scenario, requests)
+
+
+@register_scheduler("continuous")
 class BatchScheduler:
+    """Continuous batching, prefill first (module docstring)."""
+
     def __init__(self, requests: Sequence[Request], batch_size: int, max_prefill_tokens: int):
         self._pending = sorted(requests, key=lambda r: r.arrival_s)  # stable: ties keep the given order
         self._next = 0
@@ -40,6 +104,11 @@ class BatchScheduler:
         self._running: list[RunningRequest] = []
         self.batch_size = batch_size
         self.max_prefill_tokens = max_prefill_tokens
+
+    @classmethod
+    def from_scenario(cls, scenario, requests: Sequence[Request]) -> "BatchScheduler":
+        wl = scenario.workload
+        return cls(requests, wl.batch_size, wl.max_prefill_tokens)
 
     def done(self) -> bool:
         return self._next >= len(self._pending) and not self._waiting and not self._running
