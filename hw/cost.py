@@ -30,6 +30,7 @@ from dataclasses import dataclass
 from typing import Literal, Protocol
 
 from workloads.model import Gemm, ModelSpec
+from workloads.registry import Registry
 from workloads.validation import require
 
 from .devices import CpuSpec, GpuSpec, LinkSpec
@@ -73,11 +74,7 @@ class CostModel(Protocol):
     def lm_head_s(self, model: ModelSpec, sequences: int) -> float: ...
     def host_expert_s(self, model: ModelSpec, tokens: int) -> float: ...
     def copy_s(self, nbytes: float, link: LinkSpec) -> float: ...
-    def copy_overhead_s(self, model: ModelSpec) -> float: ...
-    def copy_launch_s(self, link: LinkSpec, engine_idle: bool) -> float: ...
-    def copy_resume_s(self, link: LinkSpec) -> float: ...
     def rejection_sampling_s(self, model: ModelSpec, positions: int) -> float: ...
-    def draft_pass_overhead_s(self, draft: ModelSpec) -> float: ...
 
 
 class Roofline:
@@ -175,29 +172,24 @@ class Roofline:
         row_bytes = positions * model.vocab_size * 4.0
         return self.elementwise_s(2 * row_bytes) + self.elementwise_s(3 * row_bytes)
 
-    def draft_pass_overhead_s(self, draft: ModelSpec) -> float:
-        """Extra time one pass of the draft model ``draft`` (speculative decoding, ``drafter=model``)
-        costs beyond its ops: none here. The roofline times the drafter's kernels from the device's
-        peaks like any model's (their launches are in ``kernel_launch_s``, the serving engine's host
-        time per pass is ``sim.pass_overhead_s``); what a measured table adds -- the draft running
-        with caches the target's verify pass just went through, and the executor's per-pass host
-        work of drafting -- is a measured effect with no analytic counterpart."""
-        return 0.0
-
     def copy_s(self, nbytes: float, link: LinkSpec) -> float:
         return link.transfer_s(nbytes)
 
-    def copy_overhead_s(self, model: ModelSpec) -> float:
-        """Compute-stream time one expert copy costs besides the copy itself: none here (a GPU's
-        copy engine works beside the SMs; issuing ``cudaMemcpyAsync`` is host time that overlaps)."""
-        return 0.0
 
-    def copy_launch_s(self, link: LinkSpec, engine_idle: bool) -> float:
-        """Time from a copy's turn (submitted to an idle engine, or the previous copy done) to its
-        first byte, beyond ``link.latency_s``: none here (the link's latency covers it)."""
-        return 0.0
+def _load_builtin_cost_models() -> None:
+    from . import table  # noqa: F401  (registers "table")
 
-    def copy_resume_s(self, link: LinkSpec) -> float:
-        """Time from a copy's end to the compute stream resuming when it was blocked on it: none
-        here (a CUDA stream waiting on an event resumes at once)."""
-        return 0.0
+
+COST_MODELS = Registry("hw.cost_model", "cost model", set_name=False, loader=_load_builtin_cost_models)
+"""Cost models by name (``hw.cost_model``): ``(hw: SystemSpec, model: ModelSpec) -> CostModel``."""
+
+
+@COST_MODELS.register("roofline")
+def _roofline(hw, model: ModelSpec) -> Roofline:
+    return Roofline(hw.gpu, hw.cpu, getattr(hw, "moe_kernels", "per_expert"))
+
+
+def cost_model_for(hw, model: ModelSpec) -> CostModel:
+    """The cost model a ``SystemSpec`` names (``hw.cost_model``, the ``COST_MODELS`` registry) for
+    one GPU running ``model``; ``hw.parallel.cost_for_system`` adds tensor parallelism."""
+    return COST_MODELS.get(getattr(hw, "cost_model", "roofline"))(hw, model)

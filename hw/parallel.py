@@ -15,13 +15,18 @@ and norms replicated) and runs the same ops on its shard at the same time, so an
   logits and the sampler needs all ``V`` (vLLM gathers them to the driver rank; an all-gather
   moves the same bytes into each receiver), ``sequences * V * act_bytes_per_elem`` bytes gathered.
 
-Collectives are timed as NCCL's ring algorithms on ``link`` (``bandwidth_bps`` is per direction;
-every GPU sends to its ring neighbour at that rate at once, as on an NVLink switch):
+Collectives are timed as NCCL's ring algorithms on the routes they take through the machine's
+``hw.system.System`` (``hw.collectives``: ``ring_all_reduce`` = reduce-scatter then all-gather,
+2(p-1) phases of n/p bytes to the ring neighbour; ``ring_all_gather`` p-1 phases; every phase's
+transfers at once, sharing link bandwidth max-min fairly, ``hw.network``). On an NVSwitch node
+(one port per GPU) or an NVLink mesh each phase's p transfers use disjoint links, so the time is
+the closed form NCCL's own model gives:
 
-    all-reduce(n bytes)  = 2 (p-1)/p * n / bandwidth + 2 (p-1) * latency
-                           (reduce-scatter then all-gather: 2(p-1) steps of n/p bytes)
-    all-gather(n bytes)  =   (p-1)/p * n / bandwidth +   (p-1) * latency
-                           (n = the gathered total; p-1 steps of n/p bytes)
+    all-reduce(n bytes)  = 2 (p-1) * (latency + n/p / bandwidth)
+    all-gather(n bytes)  =   (p-1) * (latency + n/p / bandwidth)     (n = the gathered total)
+
+and on a fabric where the ring shares links (a PCIe switch tree) the sharing slows it down.
+The group is the first ``p`` GPUs of node 0; times are cached per byte count.
 
 Where the engine books them: it adds ``attention_block_s`` once per layer, ``combine_s`` once per
 MoE layer and ``dense_ffn_s`` once per dense layer, so the attention all-reduce is inside
@@ -48,23 +53,10 @@ from typing import Optional
 from workloads.model import ModelSpec
 from workloads.validation import ConfigError, require
 
+from .collectives import collective_time_s, ring_all_gather, ring_all_reduce
 from .cost import BatchShape, CostModel
 from .devices import LinkSpec
-
-
-def ring_all_reduce_s(nbytes: float, p: int, link: LinkSpec) -> float:
-    """Ring all-reduce of ``nbytes`` (each GPU's buffer) among ``p`` GPUs on ``link``; 0 for p == 1."""
-    if p <= 1:
-        return 0.0
-    return 2.0 * (p - 1) / p * nbytes / link.bandwidth_bps + 2 * (p - 1) * link.latency_s
-
-
-def ring_all_gather_s(nbytes: float, p: int, link: LinkSpec) -> float:
-    """Ring all-gather among ``p`` GPUs on ``link`` whose result is ``nbytes`` (each GPU holds
-    ``nbytes / p``); 0 for p == 1."""
-    if p <= 1:
-        return 0.0
-    return (p - 1) / p * nbytes / link.bandwidth_bps + (p - 1) * link.latency_s
+from .system import System
 
 
 class TensorParallelCost:
@@ -76,15 +68,17 @@ class TensorParallelCost:
     shard may pass that too.
     """
 
-    def __init__(self, inner: CostModel, tp: int, link: Optional[LinkSpec]):
+    def __init__(self, inner: CostModel, tp: int, system: Optional[System]):
         require(isinstance(tp, int) and not isinstance(tp, bool) and tp >= 1, "hw.tensor_parallel", tp,
                 "must be an integer >= 1")
         if tp > 1:
-            require(link is not None, "hw.gpu_link", None,
+            require(system is not None and system.spec.gpu_link is not None, "hw.gpu_link", None,
                     f"hw.tensor_parallel={tp} needs a gpu_link for its all-reduces")
         self.inner = inner
         self.tp = tp
-        self.link = link
+        self.system = system
+        self.group = system.gpus_of_node(0)[:tp] if system is not None else []
+        self._collective_s: dict[tuple[str, float], float] = {}
         self._shards: dict[ModelSpec, ModelSpec] = {}   # full model -> its shard
         self._full: dict[ModelSpec, ModelSpec] = {}     # shard -> the full model
         self._by_id: dict[int, tuple[ModelSpec, ModelSpec]] = {}  # id(asked) -> (asked, shard): no hashing per op
@@ -115,12 +109,21 @@ class TensorParallelCost:
         return self._full.get(model, model)
 
     def all_reduce_s(self, nbytes: float) -> float:
-        """Ring all-reduce of ``nbytes`` among the ``tp`` GPUs (see the module docstring)."""
-        return ring_all_reduce_s(nbytes, self.tp, self.link) if self.tp > 1 else 0.0
+        """Ring all-reduce of ``nbytes`` (each GPU's buffer) among the ``tp`` GPUs (module docstring)."""
+        return self._timed(ring_all_reduce, nbytes)
 
     def all_gather_s(self, nbytes: float) -> float:
         """Ring all-gather with a result of ``nbytes`` among the ``tp`` GPUs."""
-        return ring_all_gather_s(nbytes, self.tp, self.link) if self.tp > 1 else 0.0
+        return self._timed(ring_all_gather, nbytes)
+
+    def _timed(self, make, nbytes: float) -> float:
+        if self.tp <= 1:
+            return 0.0
+        key = (make.__name__, nbytes)
+        t = self._collective_s.get(key)
+        if t is None:
+            t = self._collective_s[key] = collective_time_s(self.system, make(self.group, nbytes))
+        return t
 
     def hidden_all_reduce_s(self, model: ModelSpec, tokens: int) -> float:
         """The all-reduce of ``tokens`` hidden states (attention output, FFN output, embedding)."""
@@ -167,16 +170,24 @@ class TensorParallelCost:
     def rejection_sampling_s(self, model: ModelSpec, positions: int) -> float:
         return self.inner.rejection_sampling_s(self.full(model), positions)
 
-    def draft_pass_overhead_s(self, draft: ModelSpec) -> float:
-        """Passed through unchanged: the drafter runs unsharded on one GPU (module docstring of
-        ``sim/speculation.py``), so ``inner`` is asked about the whole draft model."""
-        return self.inner.draft_pass_overhead_s(self.full(draft))
-
     def copy_s(self, nbytes: float, link: LinkSpec) -> float:
         return self.inner.copy_s(nbytes, link)
 
+    @property
+    def overheads(self):
+        """The inner cost model's executor overheads, asked about the shard (a GPU copies its slice
+        of each expert) or, for the drafter (unsharded on one GPU), about the whole draft model."""
+        from .overheads import overheads_of
+
+        return _TensorParallelOverheads(overheads_of(self.inner), self)
+
+
+class _TensorParallelOverheads:
+    def __init__(self, inner, tp: TensorParallelCost):
+        self.inner, self.tp = inner, tp
+
     def copy_overhead_s(self, model: ModelSpec) -> float:
-        return self.inner.copy_overhead_s(self.shard(model))
+        return self.inner.copy_overhead_s(self.tp.shard(model))
 
     def copy_launch_s(self, link: LinkSpec, engine_idle: bool) -> float:
         return self.inner.copy_launch_s(link, engine_idle)
@@ -184,16 +195,19 @@ class TensorParallelCost:
     def copy_resume_s(self, link: LinkSpec) -> float:
         return self.inner.copy_resume_s(link)
 
+    def draft_pass_overhead_s(self, draft: ModelSpec) -> float:
+        return self.inner.draft_pass_overhead_s(self.tp.full(draft))
+
 
 def cost_for_system(hw, model: ModelSpec) -> CostModel:
     """The cost model ``hw`` (a ``SystemSpec``) asks for, for ``model`` (the full model).
 
-    ``hw.tensor_parallel == 1``: ``hw.table.cost_model_for(hw, model)`` unchanged. Otherwise that
+    ``hw.tensor_parallel == 1``: ``hw.cost.cost_model_for(hw, model)`` unchanged. Otherwise that
     cost model built for one GPU's shard (a ``Table`` must hold tables measured for the shard's
     shapes) wrapped in ``TensorParallelCost`` on ``hw.gpu_link``. A ``tensor_parallel`` that does
     not split the model (heads not divisible) is a one-line ConfigError.
     """
-    from .table import cost_model_for
+    from .cost import cost_model_for
 
     p = int(getattr(hw, "tensor_parallel", 1) or 1)
     if p == 1:
@@ -206,6 +220,6 @@ def cost_for_system(hw, model: ModelSpec) -> CostModel:
             raise
         raise ConfigError(f"hw.tensor_parallel={p} with hw.cost_model=table needs cost tables measured for one "
                           f"GPU's shard of model={model.name} (ModelSpec.tensor_shard({p})): {exc}") from None
-    cost = TensorParallelCost(inner, p, hw.gpu_link)
+    cost = TensorParallelCost(inner, p, System(hw))
     cost.register(model, shard)
     return cost

@@ -86,7 +86,7 @@ import pandas as pd
 from workloads.model import ModelSpec
 from workloads.validation import ConfigError
 
-from .cost import BatchShape, CostModel, Roofline
+from .cost import COST_MODELS, BatchShape
 from .devices import LinkSpec
 
 PROFILE_PARQUET = "profile.parquet"
@@ -234,6 +234,7 @@ class Table:
         resume = self.rows.loc[self.rows["op"] == "copy_resume", "median_s"]
         self._resume = max(0.0, float(resume.median())) if len(resume) else 0.0
         self._models: dict[str, _ModelTables] = {}
+        self.overheads = TableOverheads(self)   # the executor's measured overheads (hw.overheads)
 
     @property
     def models(self) -> list[str]:
@@ -379,34 +380,44 @@ class Table:
                               f"model={model.name} (speculative decoding); re-run moesim-profile --models {model.name}")
         return curves["rejection_sampling"](positions)
 
-    def draft_pass_overhead_s(self, draft: ModelSpec) -> float:
-        """The ``draft_pass_overhead`` row of ``draft`` (module docstring; signed), 0 without it."""
-        return self._tables(draft).draft_pass_overhead_s
-
     def copy_s(self, nbytes: float, link: LinkSpec) -> float:
         analytic = link.transfer_s(nbytes)
         if self._copy is None or self.host_link is None or link != self.host_link:
             return analytic
         return max(self._copy(nbytes), analytic)
 
+
+class TableOverheads:
+    """``hw.overheads.ExecutorOverheads`` measured by ``moesim-profile`` (module docstring):
+    per-copy host work and draft-pass residuals per model, copy launch and resume on the profiled
+    host link (0 on any other link)."""
+
+    def __init__(self, table: "Table"):
+        self.table = table
+
+    def draft_pass_overhead_s(self, draft: ModelSpec) -> float:
+        """The ``draft_pass_overhead`` row of ``draft`` (module docstring; signed), 0 without it."""
+        return self.table._tables(draft).draft_pass_overhead_s
+
     def copy_overhead_s(self, model: ModelSpec) -> float:
-        return self._tables(model).copy_overhead_s
+        return self.table._tables(model).copy_overhead_s
 
     def copy_launch_s(self, link: LinkSpec, engine_idle: bool) -> float:
-        if self.host_link is None or link != self.host_link:
+        t = self.table
+        if t.host_link is None or link != t.host_link:
             return 0.0
-        return self._launch.get("idle" if engine_idle else "busy", 0.0)
+        return t._launch.get("idle" if engine_idle else "busy", 0.0)
 
     def copy_resume_s(self, link: LinkSpec) -> float:
-        if self.host_link is None or link != self.host_link:
+        t = self.table
+        if t.host_link is None or link != t.host_link:
             return 0.0
-        return self._resume
+        return t._resume
 
 
-def cost_model_for(hw, model: ModelSpec) -> CostModel:
-    """The cost model a ``SystemSpec`` asks for (``hw.cost_model``), checked against ``model``."""
-    if getattr(hw, "cost_model", "roofline") == "table":
-        table = Table(hw.profile_dir, host_link=hw.host_link, copy_phase=getattr(hw, "profile_copy", "idle"))
-        table.check(model)
-        return table
-    return Roofline(hw.gpu, hw.cpu, getattr(hw, "moe_kernels", "per_expert"))
+@COST_MODELS.register("table")
+def _table_cost_model(hw, model: ModelSpec) -> "Table":
+    """``hw.cost_model=table``: the tables in ``hw.profile_dir``, checked against ``model``."""
+    table = Table(hw.profile_dir, host_link=hw.host_link, copy_phase=getattr(hw, "profile_copy", "idle"))
+    table.check(model)
+    return table

@@ -402,7 +402,7 @@ class RealExecutor:
 
     def _cost_model(self) -> CostModel:
         if self._cost is None:
-            from hw.table import cost_model_for
+            from hw.cost import cost_model_for
 
             try:
                 self._cost = cost_model_for(self.scenario.hw, self.spec)

@@ -82,7 +82,7 @@ synthetic requests with uniform routing, LRU; not any scenario that gets validat
   tokens, uniform routing, every expert resident) with the model drafting for the first MoE model
   of the run that shares its vocabulary (none: no row): per round, (measured ``draft_s`` - the
   ``Drafter``'s time for the same passes from the tables so far) / passes; the median over rounds
-  (``Table.draft_pass_overhead_s``; signed, a residual).
+  (``Table.overheads.draft_pass_overhead_s``; signed, a residual).
 
 **Copies** (device-level, ``model`` empty): ``op=copy`` vs bytes, ``phase=idle`` and
 ``phase=contended`` (while a second thread runs expert FFNs of the first model on 8 tokens back

@@ -351,7 +351,7 @@ def validate(overrides: Sequence[str] = (), repeats: int = 3, profile_dir: Optio
                                   f"++hw.profile_dir={pdir}"])
     out = Path(out) if out is not None else Path("validation") / _dt.datetime.now().strftime("%Y-%m-%d-%H-%M-%S")
     requests = build_requests(scenario.workload, scenario.model, scenario.seed)
-    from hw.table import cost_model_for
+    from hw.cost import cost_model_for
 
     cost = cost_model_for(sim_scenario.hw, sim_scenario.model)   # checks the tables before anything runs
 

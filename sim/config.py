@@ -21,13 +21,14 @@ from workloads.requests import WorkloadConfig
 from workloads.validation import ConfigError
 
 from .policies.speculation import SpeculationConfig
+from .schedulers import SchedulerConfig
 from .scenario import NamedPolicyConfig, Scenario, SimConfig, build_scenario
 
 CONFIG_MODULE = "conf"
 CONFIG_NAME = "config"
 # Config groups a user picks an option of on the command line (DESIGN.md).
-GROUPS = ("model", "hw", "hw/gpu", "hw/cpu", "hw/link", "workload", "policy/prefetch", "policy/speculation",
-          "policy/ep", "experiment")
+GROUPS = ("model", "hw", "hw/gpu", "hw/cpu", "hw/link", "workload", "scheduler", "policy/prefetch",
+          "policy/speculation", "policy/ep", "experiment")
 
 
 def group_options(group: str) -> list[str]:
@@ -92,7 +93,8 @@ def _root_schema() -> type:
     ])
     return dataclasses.make_dataclass("MoesimNode", [
         *[nested(name, schema_node(cls)) for name, cls in
-          (("model", ModelSpec), ("hw", SystemSpec), ("workload", WorkloadConfig), ("sim", SimConfig))],
+          (("model", ModelSpec), ("hw", SystemSpec), ("workload", WorkloadConfig), ("sim", SimConfig),
+           ("scheduler", SchedulerConfig))],
         nested("policy", policy),
         ("seed", Any, dataclasses.field(default=0)),
     ])

@@ -24,11 +24,11 @@ The loop (``sim.loop.ServingLoop``) decides each pass and counts; the offload pr
   host-run expert is compute on the stream itself, after the layer's other experts, booked as
   ``host_stall_s`` (and ``host_expert_s``, the host CPU's time on them), so the step's parts still
   add up to its duration.
-* **Copy overhead**: each expert copy the pass orders adds ``cost.copy_overhead_s`` (the
+* **Copy overhead**: each expert copy the pass orders adds ``overheads.copy_overhead_s`` (``hw.overheads``: the
   executor's per-copy host work, measured by ``moesim-profile``; 0 for the roofline) to the
   compute stream before it waits, booked as ``other_compute_s``. The copy engine starts each copy
-  ``cost.copy_launch_s`` after its turn, and a stream blocked on a copy resumes
-  ``cost.copy_resume_s`` after it lands (counted as stall); 0 for the roofline.
+  ``overheads.copy_launch_s`` after its turn, and a stream blocked on a copy resumes
+  ``overheads.copy_resume_s`` after it lands (counted as stall); 0 for the roofline.
 * **Speculative decoding** (``policy/speculation``, ``sim/speculation.py``): a decode pass becomes
   a round: the drafter's passes, one verify pass of ``k_r + 1`` positions per request (its MoE
   layers fetch each missing expert once for the whole round), rejection sampling; the loop commits.
@@ -51,6 +51,7 @@ import simpy
 
 from hw.cost import BatchShape, CostModel
 from hw.devices import LinkSpec
+from hw.overheads import ExecutorOverheads, overheads_of
 from hw.parallel import cost_for_system
 from hw.system import HOST, System, gpu_node
 from workloads.model import ModelSpec
@@ -194,6 +195,7 @@ class Engine:
         self.system = System(scenario.hw)
         tp = scenario.hw.tensor_parallel
         self.cost: CostModel = cost or cost_for_system(scenario.hw, self.model)
+        self.overheads: ExecutorOverheads = overheads_of(self.cost)   # the executor's, measured (Table) or none
         self.gpu_model = self.model.tensor_shard(tp)   # one GPU's part (the model itself when tp == 1)
         self.policy = policy or prefetch_policy_class(scenario.prefetch.name)(scenario.prefetch)
         spec_cfg = scenario.speculation
@@ -238,8 +240,8 @@ class Engine:
         ctl.start(self.model, initial, sc.seed, host_crossover_tokens(self.cost, self.gpu_model, h2d), self.future)
         loop = ServingLoop(sc, self.requests, ctl, self.policy, self.spec_policy, record_routing=self._record,
                            future=self.future, progress=self._progress)
-        self._copy_overhead_s = self.cost.copy_overhead_s(self.model)
-        self._copy_resume_s = self.cost.copy_resume_s(h2d)
+        self._copy_overhead_s = self.overheads.copy_overhead_s(self.model)
+        self._copy_resume_s = self.overheads.copy_resume_s(h2d)
         self._host_is_device = bool(getattr(sc.hw, "host_is_device", False))
         self._expert_s: dict[int, float] = {}
         env.process(self._serve(loop))
@@ -261,7 +263,7 @@ class Engine:
         h2d, d2h = links[h2d_id], links[d2h_id]
         self.copier = PriorityServer(env, h2d, f"copy {HOST}->{gpu}", self.timeline,
                                      duration_s=lambda n: self.cost.copy_s(n, h2d),
-                                     launch_s=lambda idle: self.cost.copy_launch_s(h2d, idle))
+                                     launch_s=lambda idle: self.overheads.copy_launch_s(h2d, idle))
         self.d2h = PriorityServer(env, d2h, f"copy {gpu}->{HOST}", self.timeline,
                                   duration_s=lambda n: self.cost.copy_s(n, d2h))
         self.host = PriorityServer(env, None, "host cpu", self.timeline, duration_s=self._host_expert_s)

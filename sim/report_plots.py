@@ -44,7 +44,7 @@ _BY_COLUMN = {m.column: m for m in METRICS}
 
 # summary.json's key choices (sim.scenario.Scenario.choices), in the order a title names them.
 KEY_CHOICES = ["model", "hw", "tensor_parallel", "prefetch", "capacity_per_layer", "cache_scope", "batch_size",
-               "speculation", "spec_k", "drafter", "draft_model", "spec_alpha", "ep", "workload", "routing",
+               "scheduler", "speculation", "spec_k", "drafter", "draft_model", "spec_alpha", "ep", "workload", "routing",
                "trace_path", "num_requests", "prompt_len", "output_len", "seed"]
 
 # Axis and legend names of common sweep keys (by the key's last component).
@@ -66,7 +66,7 @@ LEGEND_LABELS = {"capacity_per_layer": "capacity / layer", "prefetch": "policy",
 
 # Key choices whose value only restates the hardware (one GPU, no expert parallelism) and would
 # crowd every title: left out when they hold these values.
-TRIVIAL = {"tensor_parallel": 1, "ep": "none"}
+TRIVIAL = {"tensor_parallel": 1, "ep": "none", "scheduler": "continuous"}
 
 MARKERS = ["o", "s", "^", "D", "v", "P", "X", "*"]
 

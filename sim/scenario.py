@@ -16,6 +16,7 @@ from workloads.validation import ConfigError, build, require
 
 from .policies.base import PrefetchConfig, prefetch_policy_class
 from .policies.speculation import SpeculationConfig
+from .schedulers import SchedulerConfig
 
 
 @dataclass(frozen=True)
@@ -61,11 +62,13 @@ class Scenario:
     sim: SimConfig
     seed: int = 0
     draft_model: Optional[ModelSpec] = None   # policy.speculation.draft_model, resolved (drafter=model)
+    scheduler: SchedulerConfig = SchedulerConfig()   # scheduler=NAME (sim/schedulers.py)
 
     def choices(self) -> dict[str, Any]:
         """The composed config's key choices, as they go into summary.json."""
         return {
             "model": self.model.name,
+            "scheduler": self.scheduler.name,
             "hw": self.hw.name,
             "tensor_parallel": self.hw.tensor_parallel,
             "workload": self.workload.kind,
@@ -90,9 +93,11 @@ class Scenario:
         }
 
 
-def _only_none(cfg: Mapping[str, Any] | None, key: str) -> NamedPolicyConfig:
+def _ep_config(cfg: Mapping[str, Any] | None, key: str) -> NamedPolicyConfig:
+    from .policies.ep import EP_PLACEMENTS
+
     out = build(NamedPolicyConfig, cfg or {}, key)
-    require(out.name == "none", f"{key}.name", out.name, "not available yet; choose one of: none")
+    EP_PLACEMENTS.get(out.name)
     return out
 
 
@@ -100,7 +105,7 @@ def build_scenario(cfg: Mapping[str, Any]) -> Scenario:
     """Typed scenario from a plain mapping (e.g. ``OmegaConf.to_container(cfg, resolve=True)``)."""
     cfg = dict(cfg)
     cfg.pop("hydra", None)
-    allowed = {"model", "hw", "workload", "policy", "sim", "seed"}
+    allowed = {"model", "hw", "workload", "policy", "scheduler", "sim", "seed"}
     unknown = sorted(set(cfg) - allowed)
     if unknown:
         raise ConfigError(f"{unknown[0]} is not a known top-level key; allowed: {', '.join(sorted(allowed))}")
@@ -124,8 +129,9 @@ def build_scenario(cfg: Mapping[str, Any]) -> Scenario:
     draft = None
     if speculation.name != "none" and speculation.drafter == "model":
         draft = load_model_spec(speculation.draft_model, "policy.speculation.draft_model")
-    return Scenario(model, hw, workload, prefetch, speculation, _only_none(policy.get("ep"), "policy.ep"), sim,
-                    seed, draft)
+    scheduler = build(SchedulerConfig, cfg.get("scheduler"), "scheduler")
+    return Scenario(model, hw, workload, prefetch, speculation, _ep_config(policy.get("ep"), "policy.ep"), sim,
+                    seed, draft, scheduler)
 
 
 def load_model_spec(name: str, key: str = "model") -> ModelSpec:

@@ -23,10 +23,10 @@ pass of every running request.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Callable, Literal, Mapping, Optional, Protocol, Sequence
+from typing import Literal, Mapping, Optional, Protocol, Sequence
 
 from workloads.requests import Request
-from workloads.validation import ConfigError
+from workloads.registry import Registry
 
 
 @dataclass
@@ -56,41 +56,29 @@ class Scheduler(Protocol):
     def complete(self, p: Pass, now_s: float, committed: Optional[Mapping[int, int]] = None) -> list[RunningRequest]: ...
 
 
+SCHEDULERS = Registry("scheduler.name", "scheduler")
+
+
+def register_scheduler(name: str):
+    """Class decorator: make a scheduler available as ``scheduler=name``; the class builds itself
+    with ``from_scenario(scenario, requests)``."""
+    return SCHEDULERS.register(name)
+
+
 @dataclass(frozen=True)
 class SchedulerConfig:
-    """The ``scheduler`` node: which registered scheduler runs the passes."""
+    """The ``scheduler`` node (``conf/scheduler/NAME.yaml``): which registered scheduler runs the passes."""
 
     name: str = "continuous"
 
     def validate(self, key: str = "scheduler") -> None:
-        if self.name not in _SCHEDULERS:
-            raise ConfigError(f"{key}.name={self.name} is not a known scheduler; choose one of: "
-                              f"{', '.join(sorted(_SCHEDULERS))}")
-
-
-_SCHEDULERS: dict[str, Callable] = {}
-
-
-def register_scheduler(name: str):
-    """Class decorator: make a scheduler available as ``scheduler=name``. Its constructor takes
-    ``(scenario, requests)``."""
-    def deco(cls):
-        if name in _SCHEDULERS:
-            raise ValueError(f"scheduler {name!r} is registered twice")
-        _SCHEDULERS[name] = cls
-        return cls
-    return deco
-
-
-def scheduler_names() -> list[str]:
-    return sorted(_SCHEDULERS)
+        SCHEDULERS.get(self.name)
 
 
 def build_scheduler(scenario, requests: Sequence[Request]) -> Scheduler:
     """The scenario's scheduler over ``requests``."""
     cfg = getattr(scenario, "scheduler", None) or SchedulerConfig()
-    cfg.validate()
-    return _SCHEDULERS[cfg.name].from_scenario(scenario, requests)
+    return SCHEDULERS.get(cfg.name).from_scenario(scenario, requests)
 
 
 @register_scheduler("continuous")

@@ -40,7 +40,7 @@ Approximation: when a request accepted all ``k_r`` drafts, a real drafter also f
 draft in the next round's first pass; moesim does not charge that one extra token.
 
 Each pass of a draft *model* (``drafter=model``: the draft prefill, every round pass, the K=0
-keep-alive pass) also costs ``cost.draft_pass_overhead_s(draft)``: what a drafter pass costs
+keep-alive pass) also costs ``overheads_of(cost).draft_pass_overhead_s(draft)`` (``hw.overheads``): what a drafter pass costs
 beyond its ops (``Table``: measured by ``moesim-profile`` from real speculation runs -- the draft
 runs with the caches the target's verify pass left, plus the executor's host work per draft pass;
 ``Roofline``: 0). The measured value is a signed residual (negative where the draft runs faster in
@@ -61,7 +61,10 @@ from typing import Optional
 import numpy as np
 
 from hw.cost import BatchShape, CostModel
+from hw.overheads import overheads_of
 from workloads.model import ModelSpec, expected_active_experts
+
+from workloads.registry import Registry
 
 from .policies.speculation import SpeculationConfig
 
@@ -121,6 +124,31 @@ def verify_shape(positions: list[int], drafts: list[int]) -> BatchShape:
     return BatchShape(tokens=tokens, sequences=len(drafts), attended_pairs=pairs, kv_tokens=kv)
 
 
+DRAFTERS = Registry("policy.speculation.drafter", "drafter", set_name=False)
+"""Drafters by name: ``(config, target, draft_model) -> ModelSpec`` of what the drafter runs, or
+None for a drafter that runs no passes (the module docstring says what each one is)."""
+
+
+@DRAFTERS.register("model")
+def _draft_model(config: SpeculationConfig, target: ModelSpec, draft_model: Optional[ModelSpec]):
+    return draft_model
+
+
+@DRAFTERS.register("eagle")
+def _eagle_head(config: SpeculationConfig, target: ModelSpec, draft_model: Optional[ModelSpec]):
+    return eagle_head_spec(target, config.eagle_intermediate_size)
+
+
+@DRAFTERS.register("self")
+def _self_draft(config: SpeculationConfig, target: ModelSpec, draft_model: Optional[ModelSpec]):
+    return target
+
+
+@DRAFTERS.register("ngram")
+def _ngram(config: SpeculationConfig, target: ModelSpec, draft_model: Optional[ModelSpec]):
+    return None
+
+
 @dataclass
 class Drafter:
     """Times the draft side of a round on a cost model (module docstring)."""
@@ -134,14 +162,8 @@ class Drafter:
     @classmethod
     def build(cls, config: SpeculationConfig, target: ModelSpec, draft_model: Optional[ModelSpec],
               cost: CostModel, pass_overhead_s: float = 0.0) -> "Drafter":
-        if config.drafter == "model":
-            spec = draft_model
-        elif config.drafter == "eagle":
-            spec = eagle_head_spec(target, config.eagle_intermediate_size)
-        elif config.drafter == "self":
-            spec = target
-        else:
-            spec = None
+        """The drafter ``config.drafter`` names (``DRAFTERS``: what it runs as a model spec)."""
+        spec = DRAFTERS.get(config.drafter)(config, target, draft_model)
         return cls(config, spec, cost, pass_overhead_s)
 
     @property
@@ -168,7 +190,7 @@ class Drafter:
         if self.config.drafter != "model":
             return ops
         floor = self.spec.num_layers * self.cost.attention_block_s(self.spec, shape)
-        return max(floor, ops + self.cost.draft_pass_overhead_s(self.spec))
+        return max(floor, ops + overheads_of(self.cost).draft_pass_overhead_s(self.spec))
 
     def round_passes(self, drafts: list[int], k: int) -> int:
         """Drafter passes one round runs (``round_s``): ``max drafts``; with every draft zero, one

@@ -9,7 +9,6 @@ import simpy
 
 from hw.collectives import all_to_all, collective_time_s, ring_all_gather, ring_all_reduce, ring_reduce_scatter
 from hw.network import simulate_flows
-from hw.parallel import ring_all_gather_s, ring_all_reduce_s
 from hw.system import System
 from sim.config import compose_scenario
 from sim.links import LinkFabric
@@ -47,7 +46,6 @@ def test_ring_all_reduce_on_eight_h200(h200x8):
     expected = 2 * (p - 1) * (NV_LAT_S + (n / p) / NV_BPS)
     assert len(coll.phases) == 14 and all(len(ph) == 8 for ph in coll.phases)
     assert collective_time_s(h200x8, coll) == pytest.approx(expected, rel=REL)
-    assert expected == pytest.approx(ring_all_reduce_s(n, p, h200x8.spec.gpu_link), rel=REL)
     end_s, moved, _, _ = run_on_fabric(h200x8, coll)
     assert end_s == pytest.approx(expected, rel=REL)
     assert moved == coll.bytes_moved == pytest.approx(14 * 8 * n / p, rel=REL)
@@ -60,7 +58,6 @@ def test_ring_all_gather_and_reduce_scatter(h200x8):
         expected = (p - 1) * (NV_LAT_S + (n / p) / NV_BPS)
         assert len(coll.phases) == p - 1
         assert collective_time_s(h200x8, coll) == pytest.approx(expected, rel=REL)
-    assert expected == pytest.approx(ring_all_gather_s(n, p, h200x8.spec.gpu_link), rel=REL)
     assert collective_time_s(h200x8, ring_all_reduce(["gpu3"], n)) == 0.0
 
 

@@ -9,7 +9,7 @@ import pytest
 
 from hw.cost import BatchShape, Roofline
 from hw.devices import LinkSpec
-from hw.parallel import TensorParallelCost, cost_for_system, ring_all_gather_s, ring_all_reduce_s
+from hw.parallel import TensorParallelCost, cost_for_system
 from hw.system import SystemSpec
 from sim.config import compose_scenario
 from sim.memory import default_activation_bytes, plan_memory
@@ -210,14 +210,26 @@ def test_tensor_shard_of_a_non_dividing_kv_count():
 
 # ----------------------------------------------------------------------------- collectives
 
-def test_ring_all_reduce_and_all_gather_by_hand():
+def ring_all_reduce_s(n: float, p: int, link: LinkSpec) -> float:
+    """NCCL's ring all-reduce by hand: 2(p-1) steps of n/p bytes, each paying the link's latency."""
+    return 2 * (p - 1) * (link.latency_s + n / p / link.bandwidth_bps) if p > 1 else 0.0
+
+
+def ring_all_gather_s(n: float, p: int, link: LinkSpec) -> float:
+    return (p - 1) * (link.latency_s + n / p / link.bandwidth_bps) if p > 1 else 0.0
+
+
+def test_ring_collectives_on_the_systems_routes_match_the_hand_formulas():
+    """TensorParallelCost times its collectives on hw.System routes (hw.collectives): on 2xh800's
+    NVLink mesh and 4xa800 (NVLink between 4 GPUs) each ring phase uses disjoint links."""
     n = 1e6
-    assert ring_all_reduce_s(n, 1, NVLINK_H800) == 0.0
-    assert ring_all_reduce_s(n, 2, NVLINK_H800) == pytest.approx(2 * 0.5 * n / 200e9 + 2 * 5e-6)   # 15 us
-    assert ring_all_reduce_s(n, 2, NVLINK_H800) == pytest.approx(15e-6)
-    assert ring_all_reduce_s(n, 4, NVLINK_H800) == pytest.approx(2 * 0.75 * n / 200e9 + 6 * 5e-6)  # 37.5 us
-    assert ring_all_gather_s(n, 2, NVLINK_H800) == pytest.approx(0.5 * n / 200e9 + 5e-6)
-    assert ring_all_gather_s(n, 4, NVLINK_H800) == pytest.approx(0.75 * n / 200e9 + 3 * 5e-6)
+    for hw_name, p in (("2xh800", 2), ("4xa800", 4)):
+        sc = compose_scenario(["model=qwen2_57b_a14b", f"hw={hw_name}", f"hw.tensor_parallel={p}"])
+        c = cost_for_system(sc.hw, sc.model)
+        link = sc.hw.gpu_link
+        assert c.all_reduce_s(n) == pytest.approx(ring_all_reduce_s(n, p, link), rel=1e-12)
+        assert c.all_gather_s(n) == pytest.approx(ring_all_gather_s(n, p, link), rel=1e-12)
+    assert ring_all_reduce_s(n, 2, NVLINK_H800) == pytest.approx(15e-6)   # 2 * (5 us + 0.5 MB / 200 GB/s)
 
 
 def _tp_costs(name: str = "qwen2_57b_a14b"):
@@ -229,7 +241,7 @@ def _tp_costs(name: str = "qwen2_57b_a14b"):
 def test_cost_for_system_wraps_only_when_tensor_parallel():
     m, c1, c2, hw = _tp_costs()
     assert isinstance(c1, Roofline)
-    assert isinstance(c2, TensorParallelCost) and c2.tp == 2 and c2.link == hw.gpu_link
+    assert isinstance(c2, TensorParallelCost) and c2.tp == 2 and c2.group == ['gpu0', 'gpu1']
     assert isinstance(c2.inner, Roofline)
     sc = compose_scenario(["model=qwen2_57b_a14b", "hw=4xa800", "hw.tensor_parallel=4"])
     assert cost_for_system(sc.hw, sc.model).shard(sc.model).num_kv_heads == 1
@@ -273,7 +285,7 @@ def test_tp_ops_are_the_shard_plus_collectives():
     gather = ring_all_gather_s(8 * 151936 * 2, 2, hw.gpu_link)
     assert c2.lm_head_s(m, 8) == pytest.approx(roof.lm_head_s(s, 8) + gather)
     assert c2.copy_s(1e6, hw.host_link) == c1.copy_s(1e6, hw.host_link)
-    assert c2.copy_launch_s(hw.host_link, True) == 0.0 and c2.copy_resume_s(hw.host_link) == 0.0
+    assert c2.overheads.copy_launch_s(hw.host_link, True) == 0.0 and c2.overheads.copy_resume_s(hw.host_link) == 0.0
     assert c2.host_expert_s(m, 4) == c1.host_expert_s(m, 4)             # the host runs the whole expert
     d, _, d2, _ = _tp_costs("opt_30b")                                   # dense layer: FFN + its all-reduce
     assert d2.dense_ffn_s(d, 8) == pytest.approx(d2.inner.dense_ffn_s(d.tensor_shard(2), 8)

@@ -103,17 +103,23 @@ def test_lone_miss_costs_bytes_over_bandwidth_plus_latency():
 
 def test_copy_overhead_is_paid_by_the_compute_stream_before_it_waits():
     """A cost model whose copies cost the compute stream ``c`` each (the real executor's per-copy
-    host work, ``Table.copy_overhead_s``): the lone miss above issues one copy, so the step's
+    host work, ``Table.overheads.copy_overhead_s``): the lone miss above issues one copy, so the step's
     compute grows by c, which hides behind the copy until it outlasts the stall."""
     from hw.cost import Roofline
 
-    class WithCopyOverhead(Roofline):
-        def __init__(self, sc, c):
-            super().__init__(sc.hw.gpu, sc.hw.cpu)
+    from hw.overheads import NoOverheads
+
+    class CopyOverhead(NoOverheads):
+        def __init__(self, c):
             self.c = c
 
         def copy_overhead_s(self, model):
             return self.c
+
+    class WithCopyOverhead(Roofline):
+        def __init__(self, sc, c):
+            super().__init__(sc.hw.gpu, sc.hw.cpu)
+            self.overheads = CopyOverhead(c)
 
     base = np.tile(np.arange(K), (3, L, 1))
     rows = base.copy()
@@ -138,13 +144,19 @@ def test_copy_launch_delays_each_copy_by_the_idle_or_busy_figure():
     waits for the engine to wake, the second for its turn; the stall grows by idle + busy."""
     from hw.cost import Roofline
 
-    class WithLaunch(Roofline):
-        def __init__(self, sc, idle, busy):
-            super().__init__(sc.hw.gpu, sc.hw.cpu)
+    from hw.overheads import NoOverheads
+
+    class Launch(NoOverheads):
+        def __init__(self, idle, busy):
             self.idle, self.busy = idle, busy
 
         def copy_launch_s(self, link, engine_idle):
             return self.idle if engine_idle else self.busy
+
+    class WithLaunch(Roofline):
+        def __init__(self, sc, idle, busy):
+            super().__init__(sc.hw.gpu, sc.hw.cpu)
+            self.overheads = Launch(idle, busy)
 
     rows = np.tile(np.arange(K), (3, L, 1))
     rows[2, 0, 6], rows[2, 0, 7] = 62, 63            # two misses at layer 0 of the second decode token

@@ -88,7 +88,7 @@ def test_quick_profile_writes_well_formed_tables(quick_profile):
     draft_pass = rows.loc[(rows["model"] == DRAFT) & (rows["op"] == "attention") & (rows["phase"] == "decode"),
                           "median_s"].max() * 10
     assert abs(float(dpo["median_s"].iloc[0])) < draft_pass and (dpo["repeats"] > 0).all()
-    assert Table(quick_profile).draft_pass_overhead_s(compose_scenario([f"model={DRAFT}"]).model) == float(
+    assert Table(quick_profile).overheads.draft_pass_overhead_s(compose_scenario([f"model={DRAFT}"]).model) == float(
         dpo["median_s"].iloc[0])
     copies = rows[rows["op"] == "copy"]
     assert set(copies["phase"]) == {"idle", "contended"} and (copies["model"] == "").all()

@@ -254,8 +254,8 @@ def test_draft_pass_overhead_is_charged_once_per_draft_model_pass():
     draft, target, cfg = sc.draft_model, sc.model, sc.speculation
     v = 2.5e-4
     plain, with_row = _synthetic_table(draft), _synthetic_table(draft, v)
-    assert plain.draft_pass_overhead_s(draft) == 0.0 and with_row.draft_pass_overhead_s(draft) == v
-    assert _synthetic_table(draft, -1e-5).draft_pass_overhead_s(draft) == -1e-5   # a residual: kept signed
+    assert plain.overheads.draft_pass_overhead_s(draft) == 0.0 and with_row.overheads.draft_pass_overhead_s(draft) == v
+    assert _synthetic_table(draft, -1e-5).overheads.draft_pass_overhead_s(draft) == -1e-5   # a residual: kept signed
     a, b = Drafter.build(cfg, target, draft, plain), Drafter.build(cfg, target, draft, with_row)
     positions = [20, 31]
     for drafts, k in (([3, 3], 3), ([3, 1], 3), ([2, 0], 3), ([1, 1], 1)):
@@ -279,16 +279,20 @@ def test_draft_pass_overhead_is_charged_once_per_draft_model_pass():
     assert c.round_s(positions, [3, 3], 3) - b.round_s(positions, [3, 3], 3) == pytest.approx(3e-3)
     # Only the model drafter: SpecMoE's self drafting through the target is not charged.
     self_cfg = replace(cfg, drafter="self")
-    self_cost = type("WithDraftOverhead", (Roofline,), {"draft_pass_overhead_s": lambda s, d: 1.0})(
-        sc.hw.gpu, sc.hw.cpu)
+    from hw.overheads import NoOverheads
+
+    self_cost = Roofline(sc.hw.gpu, sc.hw.cpu)
+    self_cost.overheads = type("DraftOverhead", (NoOverheads,), {"draft_pass_overhead_s": lambda s, d: 1.0})()
     assert (Drafter.build(self_cfg, target, None, self_cost).round_s(positions, [3, 3], 3)
             == Drafter.build(self_cfg, target, None, Roofline(sc.hw.gpu, sc.hw.cpu)).round_s(positions, [3, 3], 3))
     # Roofline: 0 (module docstring of hw/cost.py); TP: the inner model's answer about the whole draft.
-    assert Roofline(sc.hw.gpu, sc.hw.cpu).draft_pass_overhead_s(draft) == 0.0
-    from hw.devices import LinkSpec
+    from hw.overheads import overheads_of
 
-    tp = TensorParallelCost(with_row, 2, LinkSpec("nvlink", "nvlink", 1e11))   # the draft is not split
-    assert tp.draft_pass_overhead_s(draft) == v
+    assert overheads_of(Roofline(sc.hw.gpu, sc.hw.cpu)).draft_pass_overhead_s(draft) == 0.0
+    from hw.system import System
+
+    tp = TensorParallelCost(with_row, 2, System(compose_scenario(["hw=2xh800"]).hw))   # the draft is not split
+    assert tp.overheads.draft_pass_overhead_s(draft) == v
 
 
 def test_draft_model_weights_come_off_the_expert_budget():

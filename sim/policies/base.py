@@ -33,7 +33,8 @@ from dataclasses import dataclass
 from typing import Literal, Mapping, Optional, Protocol, Sequence, Union
 
 from workloads.model import ModelSpec
-from workloads.validation import ConfigError, require
+from workloads.registry import Registry
+from workloads.validation import require
 
 ExpertKey = tuple[int, int]
 
@@ -185,32 +186,7 @@ class PrefetchPolicy:
         return {}
 
 
-class Registry:
-    """Policies of one kind selectable by name (``policy/GROUP=NAME``): a class decorator to
-    register one, and a lookup that fails with a one-line error listing what exists."""
-
-    def __init__(self, group: str, label: str):
-        self.group, self.label = group, label
-        self.classes: dict[str, type] = {}
-
-    def register(self, name: str):
-        def deco(cls):
-            if name in self.classes:
-                raise ValueError(f"{self.label} policy {name!r} registered twice")
-            cls.name = name
-            self.classes[name] = cls
-            return cls
-
-        return deco
-
-    def get(self, name: str) -> type:
-        if name not in self.classes:
-            raise ConfigError(f"policy.{self.group}.name={name!r} is not a known {self.label} policy; "
-                              f"choose one of: {', '.join(sorted(self.classes))}")
-        return self.classes[name]
-
-
-PREFETCH_POLICIES = Registry("prefetch", "prefetch")
+PREFETCH_POLICIES = Registry("policy.prefetch.name", "prefetch policy")
 
 
 def register_prefetch(name: str):

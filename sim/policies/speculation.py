@@ -30,7 +30,7 @@ from workloads.acceptance import AcceptanceConfig, alpha_from_sigma
 from workloads.model import ModelSpec
 from workloads.validation import require
 
-from .base import Registry
+from workloads.registry import Registry
 
 
 @dataclass(frozen=True)
@@ -149,7 +149,7 @@ class SpeculationPolicy:
         return {}
 
 
-SPECULATION_POLICIES = Registry("speculation", "speculation")
+SPECULATION_POLICIES = Registry("policy.speculation.name", "speculation policy")
 
 
 def register_speculation(name: str):
