@@ -367,7 +367,7 @@ class RealExecutor:
             raise ConfigError(f"policy/prefetch={scenario.prefetch.name} needs {need} before each pass, which a "
                               f"free-running model (its own router decides) cannot give; replay a trace "
                               f"(forced routing) or choose lru, lfu, transition, moe_infinity, fiddler")
-        if self.policy.uses_predictions and any(r.predicted is None for r in self.requests):
+        if self.policy.uses_predictions and any(not r.has_predictions for r in self.requests):
             raise ConfigError(
                 f"policy/prefetch={scenario.prefetch.name} needs predicted_experts in the router trace "
                 f"(record them with moesim-capture --predict lookahead); for traces without them use "

@@ -94,19 +94,28 @@ class StepCounters:
         return d
 
 
-@dataclass
 class LayerAccess:
-    """How ``begin_layer`` served one MoE layer's needed experts (expert ids, in routing order)."""
+    """How ``begin_layer`` served one MoE layer's needed experts (expert ids, in routing order).
 
-    layer: int
-    hits: list[int] = field(default_factory=list)     # resident: weights ready
-    late: list[int] = field(default_factory=list)     # being copied (a prefetch): the backend waits
-    loads: list[int] = field(default_factory=list)    # demand-loaded into a cache slot
-    staged: list[int] = field(default_factory=list)   # demand-loaded into a staging buffer (not cached)
-    host: list[int] = field(default_factory=list)     # the policy runs them on the host
-    waiting: list[int] = field(default_factory=list)  # late + loads + staged, in routing order
-    tokens: dict[int, int] = field(default_factory=dict)   # every needed expert's token count, routing order
-    plan: Plan = ()
+    ``hits``: resident (weights ready); ``late``: being copied (a prefetch), the backend waits;
+    ``loads``: demand-loaded into a cache slot; ``staged``: demand-loaded into a staging buffer (not
+    cached); ``host``: the policy runs them on the host; ``waiting``: late + loads + staged, in
+    routing order; ``tokens``: every needed expert's token count, in routing order; ``plan``: the
+    policy's prefetch plan for this layer. (A slotted class: one is built per MoE layer per pass.)
+    """
+
+    __slots__ = ("layer", "hits", "late", "loads", "staged", "host", "waiting", "tokens", "plan")
+
+    def __init__(self, layer: int, tokens: Optional[dict[int, int]] = None):
+        self.layer = layer
+        self.hits: list[int] = []
+        self.late: list[int] = []
+        self.loads: list[int] = []
+        self.staged: list[int] = []
+        self.host: list[int] = []
+        self.waiting: list[int] = []
+        self.tokens: dict[int, int] = {} if tokens is None else tokens
+        self.plan: Plan = ()
 
     @property
     def on_device(self) -> list[int]:
@@ -166,17 +175,17 @@ class CacheController:
         if self.layer is not None:
             raise RuntimeError(f"begin_layer({layer}) while layer {self.layer} is open: call end_layer() first")
         cache, policy, c = self.cache, self.policy, self.counters
-        cache.pinned = {(layer, e) for e in ids}  # from here on, nothing this layer needs is evicted
+        keys = [(layer, e) for e in ids]
+        cache.pin(keys)  # from here on, nothing this layer needs is evicted
         self.layer = layer
         plan = policy.on_routed(step, layer, ids, predicted, cache, counts)
-        acc = LayerAccess(layer, tokens=dict(zip(ids, counts)))
-        for e, n in zip(ids, counts):
-            key = (layer, e)
-            if key in cache.resident:
-                c.hits += 1
-                acc.hits.append(e)
-                if key in self._unused_prefetch:
-                    self._unused_prefetch.discard(key)
+        acc = LayerAccess(layer, dict(zip(ids, counts)))
+        resident, unused, hits = cache.resident, self._unused_prefetch, acc.hits
+        for key, e, n in zip(keys, ids, counts):
+            if key in resident:
+                hits.append(e)
+                if key in unused:
+                    unused.discard(key)
                     c.useful_prefetches += 1
                 continue
             c.misses += 1
@@ -194,14 +203,15 @@ class CacheController:
                 staged = self.demand_load(key)
                 (acc.staged if staged else acc.loads).append(e)
                 acc.waiting.append(e)
+        c.hits += len(hits)
         if plan:  # prefetches queue behind this layer's demand loads, ordered just above
             self.execute(plan)
-        acc.plan = tuple(plan)
+            acc.plan = tuple(plan)
         return acc
 
     def end_layer(self) -> None:
         """The layer's experts have run (or been issued): unpin them."""
-        self.cache.pinned = set()
+        self.cache.pin(())
         self.layer = None
 
     def end_step(self, step: int) -> StepCounters:

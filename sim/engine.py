@@ -71,12 +71,36 @@ __all__ = ["Engine", "RunResult", "PriorityServer", "STEP_COLUMNS", "REQUEST_COL
            "record_future", "host_crossover_tokens", "speculation_gains"]
 
 
+class _Job:
+    """One job of a ``PriorityServer``: its completion event exists once its start is fixed."""
+
+    __slots__ = ("nbytes", "priority", "seq", "on_done", "label", "end_s", "event", "waiter")
+
+    def __init__(self, nbytes, priority, seq, on_done, label):
+        self.nbytes, self.priority, self.seq, self.on_done, self.label = nbytes, priority, seq, on_done, label
+        self.end_s: Optional[float] = None      # set when the job's start is fixed
+        self.event: Optional[simpy.Event] = None   # fires at end_s; its first callback completes the job
+        self.waiter: Optional[simpy.Event] = None  # for a wait on a job whose start is not fixed yet
+
+    def __lt__(self, other: "_Job") -> bool:
+        return (self.priority, self.seq) < (other.priority, other.seq)
+
+
 class PriorityServer:
-    """A SimPy server of jobs, one at a time, lowest priority value first, FIFO within a priority.
+    """A SimPy server of jobs, one at a time, lowest priority value first, FIFO within a priority,
+    non-preemptive.
 
     One direction of a link's copy engine (``duration_s(nbytes)``: a transfer) or the host CPU
     (``duration_s(tokens)``: an expert run). ``launch_s(engine_idle)``: delay before a job starts
-    (``Table``: the executor's copy-thread wake-up).
+    (``Table``: the executor's copy-thread wake-up; ``engine_idle``: nothing was queued when the job
+    came up).
+
+    Events: ONE per job, at its end. A job's start is fixed, and its end event scheduled, as soon
+    as nothing can overtake it: at once for a job of the top priority (0) or one that finds the
+    server idle (it starts behind the running job and the top-priority jobs fixed before it), and
+    when the server comes to it for the others (a later demand copy may still overtake a queued
+    prefetch). Times are the sums the equivalent one-process server would form (end = start +
+    duration, start = previous end + launch), so schedules are the same to the last bit.
     """
 
     def __init__(self, env: simpy.Environment, link: Optional[LinkSpec], name: str, timeline: Optional[list],
@@ -87,43 +111,75 @@ class PriorityServer:
         self.duration_s = duration_s or link.transfer_s
         self.launch_s = launch_s
         self.name = name
-        self._queue: list = []
+        self._queue: list[_Job] = []       # jobs whose start is not fixed yet (a heap)
+        self._fixed = 0                    # jobs with a fixed start that have not ended
+        self._tail_s = 0.0                 # end of the last job with a fixed start
         self._seq = 0
-        self._wake: Optional[simpy.Event] = None
         self._timeline = timeline
         self.busy_s = 0.0
-        env.process(self._run())
 
-    def submit(self, nbytes: float, priority: int, on_done: Callable[[], None], label: str) -> simpy.Event:
-        """Queue a job of ``nbytes`` (tokens for the host CPU); the event fires when it is done."""
-        done = self.env.event()
-        heapq.heappush(self._queue, (priority, self._seq, nbytes, done, on_done, label))
+    def submit(self, nbytes: float, priority: int, on_done: Callable[[], None], label: str) -> _Job:
+        """Queue a job of ``nbytes`` (tokens for the host CPU); ``done_event(job)`` fires when it is done."""
+        job = _Job(nbytes, priority, self._seq, on_done, label)
         self._seq += 1
-        if self._wake is not None and not self._wake.triggered:
-            self._wake.succeed()
-        return done
+        if priority < 0:
+            raise ValueError(f"job priority {priority} is invalid; 0 (the top) or more")
+        if self._fixed == 0:          # idle: it starts now
+            self._fix(job, self.env.now, True)
+        elif priority == 0:           # behind the fixed jobs, before every queued one; nothing overtakes it
+            self._fix(job, self._tail_s, False)
+        else:
+            heapq.heappush(self._queue, job)
+        return job
 
-    def _run(self):
-        env = self.env
-        while True:
-            idle = not self._queue
-            if idle:
-                self._wake = env.event()
-                yield self._wake
-                self._wake = None
-            if self.launch_s is not None:
-                delay = self.launch_s(idle)
-                if delay > 0:
-                    yield env.timeout(delay)
-            _, _, nbytes, done, on_done, label = heapq.heappop(self._queue)
-            start = env.now
-            duration = self.duration_s(nbytes)
-            yield env.timeout(duration)
-            self.busy_s += duration
-            if self._timeline is not None:
-                self._timeline.append(_span(label, "copy" if self.link else "host", start, duration, self.name))
-            on_done()
-            done.succeed()
+    def done_event(self, job: _Job) -> simpy.Event:
+        """An event that fires when ``job`` is done (after its ``on_done``)."""
+        if job.event is not None:
+            return job.event
+        if job.waiter is None:
+            job.waiter = self.env.event()
+        return job.waiter
+
+    def _fix(self, job: _Job, after_s: float, idle: bool) -> None:
+        start_s = after_s
+        if self.launch_s is not None:
+            delay = self.launch_s(idle)
+            if delay > 0:
+                start_s = start_s + delay
+        job.end_s = end_s = start_s + self.duration_s(job.nbytes)
+        self._tail_s = end_s
+        self._fixed += 1
+        ev = job.event = simpy.Event(self.env)
+        ev.callbacks.append(lambda _ev, job=job: self._complete(job))
+        ev._ok, ev._value = True, None
+        _schedule_at(self.env, ev, end_s)
+
+    def _complete(self, job: _Job) -> None:
+        self._fixed -= 1
+        duration = self.duration_s(job.nbytes)
+        self.busy_s += duration
+        if self._timeline is not None:
+            self._timeline.append(_span(job.label, "copy" if self.link else "host", job.end_s - duration, duration,
+                                        self.name))
+        job.on_done()
+        if job.waiter is not None:
+            job.waiter.succeed()
+        if self._fixed == 0 and self._queue:   # the server comes to the best queued job now
+            self._fix(heapq.heappop(self._queue), self.env.now, False)
+
+
+def _advance(env: simpy.Environment, delay_s: float) -> None:
+    """What yielding ``env.timeout(delay_s)`` does when no other event is due before it fires:
+    the clock moves on by ``delay_s`` (the same sum SimPy forms), with no event spent. The caller
+    checks ``env.peek() > env.now + delay_s``; nothing can be scheduled meanwhile, as no other code
+    runs."""
+    env._now = env._now + delay_s
+
+
+def _schedule_at(env: simpy.Environment, event: simpy.Event, time_s: float) -> None:
+    """Schedule a triggered ``event`` at absolute time ``time_s`` (``env.schedule`` takes a delay,
+    and now + (time - now) need not round back to time)."""
+    heapq.heappush(env._queue, (time_s, simpy.core.NORMAL, next(env._eid), event))
 
 
 def _span(name: str, cat: str, start_s: float, dur_s: float, track: str) -> dict:
@@ -138,24 +194,24 @@ class SimCopies:
     def __init__(self, h2d: PriorityServer):
         self.h2d = h2d
         self.controller: Optional[CacheController] = None
-        self._events: dict = {}   # copies into slots, until landed; staging copies of the open layer
+        self._jobs: dict = {}   # copies into slots, until landed; staging copies of the open layer
 
     def copy(self, order: CopyOrder) -> None:
         key, kind = order.key, order.kind
         label = f"L{key[0]} E{key[1]} {'demand' if kind != 'prefetch' else 'prefetch'}"
         if kind == "staging":
-            self._events[key] = self.h2d.submit(order.nbytes, order.priority, _nothing, label + " (staging)")
+            self._jobs[key] = self.h2d.submit(order.nbytes, order.priority, _nothing, label + " (staging)")
             return
 
         def landed() -> None:
-            self._events.pop(key, None)
+            self._jobs.pop(key, None)
             self.controller.landed(key, kind)
 
-        self._events[key] = self.h2d.submit(order.nbytes, order.priority, landed, label)
+        self._jobs[key] = self.h2d.submit(order.nbytes, order.priority, landed, label)
 
-    def event(self, key) -> simpy.Event:
-        """The event of ``key``'s copy (ordered in this layer or in flight since earlier)."""
-        return self._events[key]
+    def job(self, key) -> _Job:
+        """``key``'s copy job (ordered in this layer or in flight since earlier)."""
+        return self._jobs[key]
 
 
 @dataclass
@@ -212,7 +268,7 @@ class Engine:
             if per_layer is None:
                 per_layer = self.memory.total_slots // max(1, self.model.num_moe_layers)
             self.drafter.resident_experts_per_layer = max(self.model.top_k, per_layer)
-        if self.policy.uses_predictions and any(r.predicted is None for r in self.requests):
+        if self.policy.uses_predictions and any(not r.has_predictions for r in self.requests):
             raise ConfigError(
                 f"policy/prefetch={scenario.prefetch.name} needs predicted_experts in the router trace "
                 f"(record them with moesim-capture --predict lookahead); for traces without them use "
@@ -343,15 +399,34 @@ class Engine:
             pending += pc.attention_s + pc.router_s
             t.attention_s += pc.attention_s
             t.other_compute_s += pc.router_s + pc.shared_s + pc.combine_s
-            yield env.timeout(pending)  # the router has run: routing is known from here on
+            if env.peek() > env.now + pending:   # nothing else happens before the router: no event
+                _advance(env, pending)
+            else:
+                yield env.timeout(pending)  # the router has run: routing is known from here on
             copies_before = ctl.copies_ordered
             acc = loop.layer(s, layer, ids, counts)
-            pending = yield from self._experts(acc, pc, t, ctl.copies_ordered - copies_before)
+            if acc.waiting or acc.host:
+                pending = yield from self._experts(acc, pc, t, ctl.copies_ordered - copies_before)
+            else:
+                pending = self._resident_experts(acc, pc, t, ctl.copies_ordered - copies_before)
             loop.end_layer()
         lm = self.cost.lm_head_s(model, pc.lm_positions)
         t.other_compute_s += lm
         yield env.timeout(pending + lm + pc.reject_s)
         return t
+
+    def _resident_experts(self, acc: LayerAccess, pc: _PassCosts, t: PassTimes, copies_ordered: int) -> float:
+        """``_experts`` of a layer whose experts are all resident: no wait, only sums (routing order)."""
+        ready = pc.shared_s
+        for n in acc.tokens.values():
+            x = self._expert_time(n)
+            t.expert_compute_s += x
+            ready += x
+        if copies_ordered:   # the layer's prefetches
+            issue_s = self._copy_overhead_s * copies_ordered
+            ready += issue_s
+            t.other_compute_s += issue_s
+        return ready + pc.combine_s
 
     def _experts(self, acc: LayerAccess, pc: _PassCosts, t: PassTimes, copies_ordered: int):
         """A MoE layer's experts after its router: resident (and shared) experts first, then each
@@ -372,7 +447,7 @@ class Engine:
             x = self._expert_time(n)
             t.expert_compute_s += x
             if e in waiting:
-                waits.append((self.copies.event((layer, e)), x))
+                waits.append((self.copies.job((layer, e)), x))
             else:
                 ready += x
         if copies_ordered:
@@ -380,12 +455,22 @@ class Engine:
             ready += issue_s
             t.other_compute_s += issue_s
         acc_s = ready
-        for ev, x in waits:
+        copier = self.copier
+        for job, x in waits:
+            ev = copier.done_event(job)
+            if ev.processed:
+                acc_s += x
+                continue
             if acc_s > 0:
-                yield env.timeout(acc_s)
+                if job.end_s is not None and job.end_s >= env.now + acc_s:
+                    t0 = env.now + acc_s   # the compute runs out before the copy lands: one event, the landing
+                else:
+                    yield env.timeout(acc_s)
+                    t0 = env.now
                 acc_s = 0.0
-            if not ev.triggered:
+            else:
                 t0 = env.now
+            if not ev.processed:
                 yield ev
                 if self._copy_resume_s > 0:   # the stream notices the copy landed this much later
                     yield env.timeout(self._copy_resume_s)
@@ -407,9 +492,9 @@ class Engine:
         """Fiddler: activations to the host, the expert on the CPU, outputs back to the GPU."""
         nbytes = tokens * self.model.hidden_size * self.model.act_bytes_per_elem
         label = f"L{layer} E{expert}"
-        yield self.d2h.submit(nbytes, 0, _nothing, f"{label} acts out")
-        yield self.host.submit(tokens, 0, _nothing, f"{label} on host")
-        yield self.copier.submit(nbytes, 0, _nothing, f"{label} acts back")
+        for server, amount, what in ((self.d2h, nbytes, "acts out"), (self.host, tokens, "on host"),
+                                     (self.copier, nbytes, "acts back")):
+            yield server.done_event(server.submit(amount, 0, _nothing, f"{label} {what}"))
 
 
 def _nothing() -> None:

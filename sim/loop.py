@@ -229,11 +229,11 @@ class ServingLoop:
         return np.concatenate([r.req.experts[: r.req.prompt_len] for r in batch])
 
     def _pred_rows(self, step: Step) -> Optional[np.ndarray]:
-        if not self.policy.uses_predictions or any(r.req.predicted is None for r in step.batch):
+        if not self.policy.uses_predictions or any(not r.req.has_predictions for r in step.batch):
             return None
         if step.phase == "decode":
-            return np.stack([r.req.predicted[r.pos] for r in step.batch])
-        return np.concatenate([r.req.predicted[: r.req.prompt_len] for r in step.batch])
+            return np.stack([r.req.predictions()[r.pos] for r in step.batch])
+        return np.concatenate([r.req.predictions()[: r.req.prompt_len] for r in step.batch])
 
     # ------------------------------------------------------------------ one pass
     def begin_pass(self, step: Step, routing: Optional[list[tuple[list[int], list[int]]]] = None):

@@ -139,7 +139,20 @@ class ExpertCache:
         self.used = {b: 0 for b in self.capacity}
         self.resident: set[ExpertKey] = set()
         self.in_flight: set[ExpertKey] = set()
-        self.pinned: set[ExpertKey] = set()
+        # Bumped whenever what ``can_evict`` answers may have grown (a landing, a new pin set): a
+        # policy may remember "nothing evictable" for as long as it stays the same.
+        self.generation = 0
+        self._pinned: set[ExpertKey] = set()
+
+    @property
+    def pinned(self) -> set[ExpertKey]:
+        """The experts the running layer needs (not evictable); replace it, never mutate it."""
+        return self._pinned
+
+    @pinned.setter
+    def pinned(self, keys) -> None:
+        self._pinned = set(keys)
+        self.generation += 1
 
     def _bucket(self, layer: int) -> int:
         return layer if self.per_layer else -1
@@ -153,13 +166,17 @@ class ExpertCache:
 
     def can_evict(self, layer: int, expert: int) -> bool:
         key = (layer, expert)
-        return key in self.resident and key not in self.pinned
+        return key in self.resident and key not in self._pinned
 
     def free_slots(self, layer: int) -> int:
         b = self._bucket(layer)
         return self.capacity[b] - self.used[b]
 
     # ---- engine-side mutations
+    def pin(self, keys) -> None:
+        """The running layer needs ``keys``: none of them may be evicted until the next ``pin``."""
+        self.pinned = keys
+
     def reserve(self, key: ExpertKey) -> None:
         b = self._bucket(key[0])
         if self.used[b] >= self.capacity[b]:
@@ -170,6 +187,7 @@ class ExpertCache:
     def land(self, key: ExpertKey) -> None:
         self.in_flight.discard(key)
         self.resident.add(key)
+        self.generation += 1
 
     def place(self, key: ExpertKey) -> None:
         """Make ``key`` resident without a copy (initial residency)."""

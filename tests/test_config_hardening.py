@@ -52,7 +52,7 @@ def test_a_batch_that_can_never_fill_is_warned_about_in_one_line(caplog):
 def test_routing_memory_estimate_matches_what_is_built():
     sc = compose_scenario(["model=olmoe_1b_7b", "workload.num_requests=5", "workload.prompt_len=20",
                            "workload.output_len=7"])
-    built = sum(r.experts.nbytes + (r.predicted.nbytes if r.predicted is not None else 0)
+    built = sum(r.experts.nbytes + (r.predictions().nbytes if r.has_predictions else 0)
                 for r in build_requests(sc.workload, sc.model, sc.seed))
     # 5 requests x (20 + 7 - 1) positions built; the estimate counts 20 + 7 (one spare) plus 2 KB each
     estimate = routing_bytes_estimate(sc.workload, sc.model)

@@ -14,8 +14,8 @@ token positions (the last generated token is never fed back).
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
-from typing import Literal, Optional
+from dataclasses import dataclass, field
+from typing import Literal, Optional, Sequence
 
 import numpy as np
 
@@ -91,7 +91,20 @@ class Request:
     output_len: int
     experts: np.ndarray  # int16 [prompt_len + output_len - 1, num_moe_layers, top_k] ([.., 0, 0] if dense)
     # Optional: at [t, m, :] the experts predicted for MoE layer m+1 from layer m's state (-1 = none).
+    # Read it through ``predictions()``: synthetic workloads build it on first read (``_source``).
     predicted: Optional[np.ndarray] = None
+    _source: Optional["SyntheticPredictions"] = field(default=None, repr=False, compare=False)
+
+    @property
+    def has_predictions(self) -> bool:
+        """Whether ``predictions()`` gives an array (a trace with them, or a synthetic workload)."""
+        return self.predicted is not None or self._source is not None
+
+    def predictions(self) -> Optional[np.ndarray]:
+        """The gate-lookahead predictions (``predicted``), built now if they are synthetic and unread."""
+        if self.predicted is None and self._source is not None:
+            self._source.build()
+        return self.predicted
 
     def __post_init__(self) -> None:
         expected = self.prompt_len + self.output_len - 1
@@ -99,6 +112,35 @@ class Request:
             raise ConfigError(
                 f"request {self.request_id}: routing has {self.experts.shape[0]} token positions, "
                 f"expected prompt_len + output_len - 1 = {expected}")
+
+
+class SyntheticPredictions:
+    """Gate-lookahead predictions of a synthetic workload, built only when a policy reads them.
+
+    A policy without ``uses_predictions`` (LRU, ...) never does, so a serving-size run does not pay
+    for them (~1 ms per token position for Qwen3-30B-A3B). All requests' predictions come from
+    one stream, in request order, on the first read of any of them: the same arrays whenever and
+    in whatever order they are read.
+    """
+
+    def __init__(self, requests: Sequence["Request"], accuracy: float, num_experts: int, seed: int):
+        self._requests = list(requests)
+        self.accuracy = accuracy
+        self.num_experts = num_experts
+        self.seed = seed
+        self.built = False
+
+    def build(self) -> None:
+        if self.built:
+            return
+        from .synthetic import lookahead_predictions
+
+        pred_rng = np.random.default_rng([self.seed, 0x10A4])  # its own stream: routing stays as without it
+        for r in self._requests:
+            r.predicted = lookahead_predictions(r.experts, self.accuracy, self.num_experts, pred_rng)
+            r._source = None
+        self._requests = []
+        self.built = True
 
 
 MIN_DEFAULT_REQUESTS = 8   # synthetic workloads with num_requests=null: at least this many
@@ -180,7 +222,7 @@ def build_requests(cfg: WorkloadConfig, model: ModelSpec, seed: int) -> list[Req
         return [Request(r.request_id, float(a), r.prompt_len, r.output_len, r.experts, r.predicted)
                 for r, a in zip(routed, arrivals)]
 
-    from .synthetic import RoutingConfig, generate_routing, lookahead_predictions
+    from .synthetic import RoutingConfig, generate_routing
 
     check_fits_in_memory(cfg, model)
     n = synthetic_request_count(cfg)
@@ -190,9 +232,9 @@ def build_requests(cfg: WorkloadConfig, model: ModelSpec, seed: int) -> list[Req
     arrivals = arrival_times_s(n, cfg, rng)
     routing_cfg = RoutingConfig.from_workload(cfg)
     routing = generate_routing(model, routing_cfg, [int(p + o - 1) for p, o in zip(prompt, output)], rng)
-    predicted: list = [None] * n
+    requests = [Request(i, float(arrivals[i]), int(prompt[i]), int(output[i]), routing[i]) for i in range(n)]
     if cfg.lookahead_accuracy is not None:
-        pred_rng = np.random.default_rng([seed, 0x10A4])  # its own stream: routing stays as without it
-        predicted = [lookahead_predictions(r, cfg.lookahead_accuracy, model.num_experts, pred_rng) for r in routing]
-    return [Request(i, float(arrivals[i]), int(prompt[i]), int(output[i]), routing[i], predicted[i])
-            for i in range(n)]
+        source = SyntheticPredictions(requests, cfg.lookahead_accuracy, model.num_experts, seed)
+        for r in requests:
+            r._source = source
+    return requests

@@ -71,6 +71,10 @@ class CacheView(Protocol):
     def free_slots(self, layer: int) -> int:
         """Unreserved slots in the pool that ``layer``'s experts live in."""
 
+    generation: int
+    """Changes whenever ``can_evict`` may answer True where it answered False (a copy landed, the
+    running layer's pins changed); a policy may remember "no victim" while it stays the same."""
+
 
 @dataclass(frozen=True)
 class StepInfo:

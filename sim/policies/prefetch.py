@@ -47,6 +47,10 @@ class LRU(PrefetchPolicy):
         self._per_layer = ctx.cache_scope == "per_layer"
         self._recency: dict[int, OrderedDict[ExpertKey, None]] = {}
         self._protected: set[ExpertKey] = set()  # predicted for the next layer: not a victim
+        # pool bucket -> the cache generation at which a scan of it found no victim. A layer that
+        # needs more experts than its pool holds pins every slot, and each further miss would
+        # rescan the whole pool for nothing (Qwen3-30B-A3B at batch 128: 54 M can_evict calls).
+        self._no_victim: dict[int, int] = {}
         for key in ctx.initial_resident:
             self._pool(key[0])[key] = None
 
@@ -73,7 +77,9 @@ class LRU(PrefetchPolicy):
 
     def _begin_layer(self, layer: int, experts: Sequence[int]) -> None:
         """A layer routed: its experts are used now, and the previous prediction's protection ends."""
-        self._protected.clear()
+        if self._protected:
+            self._protected.clear()
+            self._no_victim.clear()
         self._touch(layer, experts)
 
     def _touch(self, layer: int, experts: Sequence[int]) -> None:
@@ -89,12 +95,17 @@ class LRU(PrefetchPolicy):
         pool.move_to_end((layer, expert))
 
     def victim(self, layer: int, incoming: int, cache: CacheView) -> Optional[ExpertKey]:
+        bucket = layer if self._per_layer else -1
+        generation = cache.generation
+        if self._no_victim.get(bucket) == generation:
+            return None   # nothing in the pool became evictable since the last fruitless scan
         pool = self._pool(layer)
         protected = self._protected
         for key in pool:
             if cache.can_evict(*key) and key not in protected:
                 del pool[key]
                 return key
+        self._no_victim[bucket] = generation
         return None
 
     def _forget(self, key: ExpertKey) -> None:
