@@ -29,7 +29,7 @@ expert's payload bytes (``expert_bytes``).
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, fields
 from typing import Any, Literal, Mapping, Optional, Protocol, Sequence
 
 from .memory import ExpertCache

@@ -112,3 +112,46 @@ def test_requests_are_served_in_the_order_given_when_they_arrive_together():
             order.append(p.batch[0].req.request_id)
         sched.complete(p, 0.0)
     assert order == [9, 2, 5]  # a trace's file order, not sorted ids
+
+
+def test_a_fruitless_victim_scan_is_remembered_until_a_copy_lands_or_the_pins_change():
+    model = compose_scenario([]).model
+    cache = _global_cache(3)
+    for key in ((0, 0), (0, 1)):
+        cache.place(key)
+    cache.reserve((0, 2))                      # a copy in flight holds the third slot
+    lru = LRU(PrefetchConfig(cache_scope="global"))
+    lru.reset(PolicyContext(model, "global", None, 3, ((0, 0), (0, 1))))
+    cache.pin([(0, 0), (0, 1), (0, 3)])
+    calls = []
+    real_can_evict = cache.can_evict
+    cache.can_evict = lambda layer, e: calls.append((layer, e)) or real_can_evict(layer, e)
+    assert lru.victim(0, 3, cache) is None and len(calls) == 2     # scanned both residents
+    assert lru.victim(0, 4, cache) is None and len(calls) == 2     # remembered: no rescan
+    cache.land((0, 2))                                             # the copy lands ...
+    lru.on_copy_done(0, 2, cache)
+    assert lru.victim(0, 4, cache) == (0, 2)                       # ... and is evictable at once
+    cache.evict((0, 2))
+    assert lru.victim(0, 4, cache) is None                         # pins unchanged: nothing else
+    cache.pin([(0, 1)])                                            # the next layer needs less
+    assert lru.victim(0, 4, cache) == (0, 0)
+
+
+def test_synthetic_predictions_are_built_only_when_read_and_the_same_in_any_order():
+    from workloads.synthetic import lookahead_predictions
+
+    sc = compose_scenario(["model=olmoe_1b_7b", "workload.num_requests=4", "workload.prompt_len=6",
+                           "workload.output_len=5"])
+    reqs = build_requests(sc.workload, sc.model, sc.seed)
+    assert all(r.has_predictions and r.predicted is None for r in reqs)   # nothing built yet
+    late_first = reqs[3].predictions()                                    # read the last one first
+    assert all(r.predicted is not None for r in reqs)                     # one stream: all built
+    rng = np.random.default_rng([sc.seed, 0x10A4])
+    eager = [lookahead_predictions(r.experts, 0.85, sc.model.num_experts, rng) for r in reqs]
+    assert np.array_equal(late_first, eager[3])
+    assert all(np.array_equal(r.predictions(), p) for r, p in zip(reqs, eager))
+    from sim.engine import simulate
+
+    lru_reqs = build_requests(sc.workload, sc.model, sc.seed)
+    simulate(sc, lru_reqs, progress=False)                                # LRU never reads them
+    assert all(r.predicted is None for r in lru_reqs)
