@@ -119,7 +119,7 @@ class SystemSpec:
                     f"{key}.num_nodes={self.num_nodes} needs a nic between nodes (e.g. +hw/link@hw.nic=cx7_ib)")
         check_moe_kernels(self.moe_kernels, f"{key}.moe_kernels")
         require(self.moe_kernels == "per_expert" or self.cost_model == "roofline", f"{key}.moe_kernels",
-                self.moe_kernels, f"applies to cost_model=roofline; a table times the kernels it measured")
+                self.moe_kernels, "applies to cost_model=roofline; a table times the kernels it measured")
         if self.cost_model == "table":
             from .table import PROFILE_HEADER
 

@@ -77,16 +77,14 @@ __all__ = ["Engine", "RunResult", "PriorityServer", "STEP_COLUMNS", "REQUEST_COL
            "record_future", "host_crossover_tokens", "speculation_gains"]
 
 
-class _Job:
-    """One job of a ``PriorityServer``: its completion event exists once its start is fixed."""
+class _Job(simpy.Event):
+    """One job of a ``PriorityServer``, and the event that fires when it is done: scheduled (at
+    ``end_s``) once its start is fixed, so a wait on a queued job costs no event of its own."""
 
-    __slots__ = ("nbytes", "priority", "seq", "on_done", "label", "end_s", "event", "waiter")
-
-    def __init__(self, nbytes, priority, seq, on_done, label):
-        self.nbytes, self.priority, self.seq, self.on_done, self.label = nbytes, priority, seq, on_done, label
+    def __init__(self, env: simpy.Environment, nbytes: float, priority: int, seq: int, tag: Any):
+        super().__init__(env)
+        self.nbytes, self.priority, self.seq, self.tag = nbytes, priority, seq, tag
         self.end_s: Optional[float] = None      # set when the job's start is fixed
-        self.event: Optional[simpy.Event] = None   # fires at end_s; its first callback completes the job
-        self.waiter: Optional[simpy.Event] = None  # for a wait on a job whose start is not fixed yet
 
     def __lt__(self, other: "_Job") -> bool:
         return (self.priority, self.seq) < (other.priority, other.seq)
@@ -97,12 +95,12 @@ class PriorityServer:
     non-preemptive.
 
     One direction of a link's copy engine (``duration_s(nbytes)``: a transfer) or the host CPU
-    (``duration_s(tokens)``: an expert run). ``launch_s(engine_idle)``: delay before a job starts
+    (``duration_s(tokens)``: an expert run). ``on_done(tag)`` runs when a job is done, before
+    anything waiting on it resumes. ``launch_s(engine_idle)``: delay before a job starts
     (``Table``: the executor's copy-thread wake-up; ``engine_idle``: nothing was queued when the job
     came up).
 
-    Events: ONE per job, at its end (and one more for a wait on a job whose start is not fixed
-    yet: a queued prefetch that a layer needs). A job's start is fixed, and its end event scheduled, as soon
+    Events: ONE per job, the job itself, at its end. A job's start is fixed, and its end event scheduled, as soon
     as nothing can overtake it: at once for a job of the top priority (0) or one that finds the
     server idle (it starts behind the running job and the top-priority jobs fixed before it), and
     when the server comes to it for the others (a later demand copy may still overtake a queued
@@ -112,8 +110,11 @@ class PriorityServer:
 
     def __init__(self, env: simpy.Environment, link: Optional[LinkSpec], name: str, timeline: Optional[list],
                  duration_s: Optional[Callable[[float], float]] = None,
-                 launch_s: Optional[Callable[[bool], float]] = None):
+                 launch_s: Optional[Callable[[bool], float]] = None,
+                 on_done: Optional[Callable[[Any], None]] = None, label: Callable[[Any], str] = str):
         self.env = env
+        self.on_done = on_done     # called with a job's tag when it is done
+        self.label = label         # a job's name in the timeline, from its tag
         self.link = link
         self.duration_s = duration_s or link.transfer_s
         self.launch_s = launch_s
@@ -125,12 +126,13 @@ class PriorityServer:
         self._timeline = timeline
         self.busy_s = 0.0
 
-    def submit(self, nbytes: float, priority: int, on_done: Callable[[], None], label: str) -> _Job:
-        """Queue a job of ``nbytes`` (tokens for the host CPU); ``done_event(job)`` fires when it is done."""
-        job = _Job(nbytes, priority, self._seq, on_done, label)
-        self._seq += 1
+    def submit(self, nbytes: float, priority: int, tag: Any = None) -> _Job:
+        """Queue a job of ``nbytes`` (tokens for the host CPU); the returned job is an event that
+        fires when it is done, after ``on_done(tag)``. ``tag`` also names it in the timeline."""
         if priority < 0:
             raise ValueError(f"job priority {priority} is invalid; 0 (the top) or more")
+        job = _Job(self.env, nbytes, priority, self._seq, tag)
+        self._seq += 1
         if self._fixed == 0:          # idle: it starts now
             self._fix(job, self.env.now, True)
         elif priority == 0:           # behind the fixed jobs, before every queued one; nothing overtakes it
@@ -138,14 +140,6 @@ class PriorityServer:
         else:
             heapq.heappush(self._queue, job)
         return job
-
-    def done_event(self, job: _Job) -> simpy.Event:
-        """An event that fires when ``job`` is done (after its ``on_done``)."""
-        if job.event is not None:
-            return job.event
-        if job.waiter is None:
-            job.waiter = self.env.event()
-        return job.waiter
 
     def _fix(self, job: _Job, after_s: float, idle: bool) -> None:
         start_s = after_s
@@ -156,21 +150,19 @@ class PriorityServer:
         job.end_s = end_s = start_s + self.duration_s(job.nbytes)
         self._tail_s = end_s
         self._fixed += 1
-        ev = job.event = simpy.Event(self.env)
-        ev.callbacks.append(lambda _ev, job=job: self._complete(job))
-        ev._ok, ev._value = True, None
-        _schedule_at(self.env, ev, end_s)
+        job.callbacks.insert(0, self._complete)   # before anything waiting on it
+        job._ok, job._value = True, None
+        _schedule_at(self.env, job, end_s)
 
     def _complete(self, job: _Job) -> None:
         self._fixed -= 1
         duration = self.duration_s(job.nbytes)
         self.busy_s += duration
         if self._timeline is not None:
-            self._timeline.append(_span(job.label, "copy" if self.link else "host", job.end_s - duration, duration,
-                                        self.name))
-        job.on_done()
-        if job.waiter is not None:
-            job.waiter.succeed()
+            self._timeline.append(_span(self.label(job.tag), "copy" if self.link else "host", job.end_s - duration,
+                                        duration, self.name))
+        if self.on_done is not None:
+            self.on_done(job.tag)
         if self._fixed == 0 and self._queue:   # the server comes to the best queued job now
             self._fix(heapq.heappop(self._queue), self.env.now, False)
 
@@ -195,30 +187,35 @@ def _span(name: str, cat: str, start_s: float, dur_s: float, track: str) -> dict
 
 
 class SimCopies:
-    """The SimPy backend's ``CopySink``: copy orders become jobs on the host->GPU copy engine; a
-    copy into a slot tells the controller when it lands (staging copies land nowhere)."""
+    """The SimPy backend's ``CopySink``: copy orders become jobs on the host->GPU copy engine
+    (tagged with the order); a copy into a slot tells the controller when it lands (staging
+    copies land nowhere)."""
 
     def __init__(self, h2d: PriorityServer):
         self.h2d = h2d
+        h2d.on_done, h2d.label = self._landed, _job_label
         self.controller: Optional[CacheController] = None
         self._jobs: dict = {}   # copies into slots, until landed; staging copies of the open layer
 
     def copy(self, order: CopyOrder) -> None:
-        key, kind = order.key, order.kind
-        label = f"L{key[0]} E{key[1]} {'demand' if kind != 'prefetch' else 'prefetch'}"
-        if kind == "staging":
-            self._jobs[key] = self.h2d.submit(order.nbytes, order.priority, _nothing, label + " (staging)")
-            return
+        self._jobs[order.key] = self.h2d.submit(order.nbytes, order.priority, order)
 
-        def landed() -> None:
-            self._jobs.pop(key, None)
-            self.controller.landed(key, kind)
-
-        self._jobs[key] = self.h2d.submit(order.nbytes, order.priority, landed, label)
+    def _landed(self, tag) -> None:
+        if isinstance(tag, CopyOrder) and tag.kind != "staging":
+            self._jobs.pop(tag.key, None)
+            self.controller.landed(tag.key, tag.kind)
 
     def job(self, key) -> _Job:
         """``key``'s copy job (ordered in this layer or in flight since earlier)."""
         return self._jobs[key]
+
+
+def _job_label(tag) -> str:
+    """A copy engine job's name in the timeline."""
+    if isinstance(tag, CopyOrder):
+        name = f"L{tag.key[0]} E{tag.key[1]} {'prefetch' if tag.kind == 'prefetch' else 'demand'}"
+        return name + " (staging)" if tag.kind == "staging" else name
+    return str(tag)
 
 
 @dataclass
@@ -462,14 +459,12 @@ class Engine:
             ready += issue_s
             t.other_compute_s += issue_s
         acc_s = ready
-        copier = self.copier
-        for job, x in waits:
-            ev = copier.done_event(job)
+        for ev, x in waits:
             if ev.processed:
                 acc_s += x
                 continue
             if acc_s > 0:
-                if job.end_s is not None and job.end_s >= env.now + acc_s:
+                if ev.end_s is not None and ev.end_s >= env.now + acc_s:
                     t0 = env.now + acc_s   # the compute runs out before the copy lands: one event, the landing
                 else:
                     yield env.timeout(acc_s)
@@ -501,11 +496,7 @@ class Engine:
         label = f"L{layer} E{expert}"
         for server, amount, what in ((self.d2h, nbytes, "acts out"), (self.host, tokens, "on host"),
                                      (self.copier, nbytes, "acts back")):
-            yield server.done_event(server.submit(amount, 0, _nothing, f"{label} {what}"))
-
-
-def _nothing() -> None:
-    pass
+            yield server.submit(amount, 0, f"{label} {what}")
 
 
 def host_crossover_tokens(cost: CostModel, model: ModelSpec, h2d: LinkSpec, limit: int = 1 << 16) -> Optional[int]:

@@ -11,13 +11,13 @@ from sim.engine import PriorityServer
 def _run(jobs, launch=None):
     """jobs: (submit_s, nbytes, priority, name); duration = nbytes seconds. Returns (ends, order, events)."""
     env = simpy.Environment()
-    server = PriorityServer(env, None, "test", None, duration_s=lambda n: float(n), launch_s=launch)
     ends, order = {}, []
+    server = PriorityServer(env, None, "test", None, duration_s=lambda n: float(n), launch_s=launch,
+                            on_done=order.append)
 
     def submit(at_s, nbytes, prio, name):
         yield env.timeout(at_s)
-        job = server.submit(nbytes, prio, lambda: order.append(name), name)
-        yield server.done_event(job)
+        yield server.submit(nbytes, prio, name)   # the job is the event of its end
         ends[name] = env.now
 
     for j in jobs:
@@ -33,8 +33,7 @@ def test_a_demand_copy_overtakes_queued_prefetches_but_not_the_running_one():
     ends, order, events = _run([(0, 10, 1, "A"), (0.5, 5, 2, "B"), (0.5, 3, 1, "C"), (1, 2, 0, "D")])
     assert order == ["A", "D", "C", "B"]
     assert ends == {"A": 10.0, "D": 12.0, "C": 15.0, "B": 20.0}
-    # one event per job (its end), plus a waiter each for B and C, waited on before their start was fixed
-    assert events == 4 + 2
+    assert events == 4   # one per job, its end: even B and C, waited on before their start was fixed
 
 
 def test_demand_copies_are_fifo_and_the_launch_delay_follows_idleness():

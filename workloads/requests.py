@@ -89,11 +89,27 @@ class Request:
     arrival_s: float
     prompt_len: int
     output_len: int
-    experts: np.ndarray  # int16 [prompt_len + output_len - 1, num_moe_layers, top_k] ([.., 0, 0] if dense)
+    # int16 [prompt_len + output_len - 1, num_moe_layers, top_k] ([.., 0, 0] if dense), or a
+    # ``LazyRouting`` that builds it on first read of ``experts``
+    _experts: "np.ndarray | LazyRouting"
     # Optional: at [t, m, :] the experts predicted for MoE layer m+1 from layer m's state (-1 = none).
     # Read it through ``predictions()``: synthetic workloads build it on first read (``_source``).
     predicted: Optional[np.ndarray] = None
     _source: Optional["SyntheticPredictions"] = field(default=None, repr=False, compare=False)
+
+    @property
+    def experts(self) -> np.ndarray:
+        """The routing (see the class docstring); synthetic routing is generated on first read."""
+        x = self._experts
+        if not isinstance(x, np.ndarray):
+            x = self._experts = x.build()
+        return x
+
+    @property
+    def positions(self) -> int:
+        """Token positions of the routing (``prompt_len + output_len - 1``), without building it."""
+        x = self._experts
+        return int(x.shape[0]) if isinstance(x, np.ndarray) else x.positions
 
     @property
     def has_predictions(self) -> bool:
@@ -108,10 +124,23 @@ class Request:
 
     def __post_init__(self) -> None:
         expected = self.prompt_len + self.output_len - 1
-        if self.experts.shape[0] != expected:
+        if self.positions != expected:
             raise ConfigError(
-                f"request {self.request_id}: routing has {self.experts.shape[0]} token positions, "
+                f"request {self.request_id}: routing has {self.positions} token positions, "
                 f"expected prompt_len + output_len - 1 = {expected}")
+
+
+class LazyRouting:
+    """Request ``index``'s rows of a ``workloads.synthetic.RoutingStream``, built when first read."""
+
+    __slots__ = ("stream", "index", "positions")
+
+    def __init__(self, stream, index: int):
+        self.stream, self.index = stream, index
+        self.positions = stream.positions(index)
+
+    def build(self) -> np.ndarray:
+        return self.stream.request(self.index)
 
 
 class SyntheticPredictions:
@@ -222,7 +251,7 @@ def build_requests(cfg: WorkloadConfig, model: ModelSpec, seed: int) -> list[Req
         return [Request(r.request_id, float(a), r.prompt_len, r.output_len, r.experts, r.predicted)
                 for r, a in zip(routed, arrivals)]
 
-    from .synthetic import RoutingConfig, generate_routing
+    from .synthetic import RoutingConfig, RoutingStream
 
     check_fits_in_memory(cfg, model)
     n = synthetic_request_count(cfg)
@@ -231,8 +260,11 @@ def build_requests(cfg: WorkloadConfig, model: ModelSpec, seed: int) -> list[Req
     prompt = np.minimum(prompt, cfg.max_prefill_tokens)
     arrivals = arrival_times_s(n, cfg, rng)
     routing_cfg = RoutingConfig.from_workload(cfg)
-    routing = generate_routing(model, routing_cfg, [int(p + o - 1) for p, o in zip(prompt, output)], rng)
-    requests = [Request(i, float(arrivals[i]), int(prompt[i]), int(output[i]), routing[i]) for i in range(n)]
+    # Routing is generated as far as it is read (requests in arrival order, one stream): the
+    # first passes run before the last request's routing exists. The stream owns rng from here.
+    stream = RoutingStream(model, routing_cfg, [int(p + o - 1) for p, o in zip(prompt, output)], rng)
+    requests = [Request(i, float(arrivals[i]), int(prompt[i]), int(output[i]), LazyRouting(stream, i))
+                for i in range(n)]
     if cfg.lookahead_accuracy is not None:
         source = SyntheticPredictions(requests, cfg.lookahead_accuracy, model.num_experts, seed)
         for r in requests:

@@ -97,6 +97,7 @@ from __future__ import annotations
 
 import functools
 import math
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from statistics import NormalDist
@@ -380,50 +381,89 @@ def generate_routing(model: ModelSpec, cfg: RoutingConfig, token_counts: Sequenc
     at each MoE layer (ordinal m; absolute layer = ``model.moe_layers[m]``). Tokens of one request
     are in order; temporal reuse runs along them and never crosses requests. All requests share
     the layers' popularity and affinity tables (drawn from ``rng`` first). Deterministic in
-    (model, cfg, token_counts, rng state).
+    (model, cfg, token_counts, rng state). ``RoutingStream`` builds the same arrays lazily.
 
     A dense model (``num_experts == 0``, no MoE layers) gets empty ``[n, 0, 0]`` arrays and
     ``rng`` is not used.
     """
-    if model.num_moe_layers == 0 or model.num_experts == 0:
-        cfg.validate()
-        return [np.empty((int(c), 0, 0), dtype=np.int16) for c in _token_counts(token_counts)]
-    plan = resolve_routing(model, cfg)
-    counts = _token_counts(token_counts)
-    E, K, M = model.num_experts, model.top_k, model.num_moe_layers
-    eta, beta = plan.keep_prob, plan.inherit_prob
+    stream = RoutingStream(model, cfg, token_counts, rng)
+    return [stream.request(i) for i in range(stream.num_requests)]
 
-    # Per-layer tables, drawn in a fixed order. Noise is stored in *lineage order*: column j of
-    # layer m holds expert lineage[m, j], and lineage[m, j]'s partner in layer m-1 is
-    # lineage[m-1, j], so inheriting is a same-column copy (no gather).
-    inv_w = np.ones((M, E))
-    if plan.popularity_scale > 0.0:
-        z = _profile(E)
-        for m in range(M):
-            inv_w[m] = np.exp(-plan.popularity_scale * z[rng.permutation(E)])
-    lineage = np.tile(np.arange(E, dtype=np.int16), (M, 1))
-    if beta > 0.0:
-        for m in range(1, M):
-            lineage[m] = rng.permutation(E)
-        inv_w = np.take_along_axis(inv_w, lineage.astype(np.intp), axis=1)
-    column_to_expert = lineage.reshape(-1)
-    layer_offset = (np.arange(M) * E)[:, None]
 
-    total = int(counts.sum())
-    out = np.empty((total, M, K), dtype=np.int16)
-    bounds = np.concatenate([[0], np.cumsum(counts)])
-    first = np.zeros(total, dtype=bool)  # row is the first token of its request
-    first[bounds[:-1][counts > 0]] = True
+class RoutingStream:
+    """The synthetic routing of a workload, generated in order only as far as it is read.
 
-    rows_per_chunk = max(1, _CHUNK_ELEMENTS // (M * E))
-    carry = np.zeros((M, E))  # noise of the previous row (for keeps across a chunk boundary)
-    for r0 in range(0, total, rows_per_chunk):
-        n = min(rows_per_chunk, total - r0)
+    The rows of all requests form one stream (request 0's positions, then request 1's, ...),
+    drawn chunk by chunk from ``rng`` exactly as ``generate_routing`` draws them, so
+    ``request(i)`` is the same array whenever it is first asked for: reading request i generates
+    the stream up to its last position (requests are admitted roughly in arrival order, so a run
+    builds routing as it goes, and never builds what it never reads). The stream owns ``rng``
+    from here on: nothing else may draw from it.
+    """
+
+    def __init__(self, model: ModelSpec, cfg: RoutingConfig, token_counts: Sequence[int],
+                 rng: np.random.Generator):
+        counts = _token_counts(token_counts)
+        self.num_requests = len(counts)
+        self._bounds = np.concatenate([[0], np.cumsum(counts)]).astype(np.int64)
+        self._dense = model.num_moe_layers == 0 or model.num_experts == 0
+        self.build_cpu_s = 0.0          # CPU seconds spent generating (for benchmarks/serving_speed.py)
+        if self._dense:
+            cfg.validate()
+            return
+        plan = resolve_routing(model, cfg)
+        E, K, M = model.num_experts, model.top_k, model.num_moe_layers
+        self._rng, self._shape = rng, (M, E, K)
+        self._eta, self._beta = plan.keep_prob, plan.inherit_prob
+        # Per-layer tables, drawn in a fixed order. Noise is stored in *lineage order*: column j of
+        # layer m holds expert lineage[m, j], and lineage[m, j]'s partner in layer m-1 is
+        # lineage[m-1, j], so inheriting is a same-column copy (no gather).
+        inv_w = np.ones((M, E))
+        if plan.popularity_scale > 0.0:
+            z = _profile(E)
+            for m in range(M):
+                inv_w[m] = np.exp(-plan.popularity_scale * z[rng.permutation(E)])
+        lineage = np.tile(np.arange(E, dtype=np.int16), (M, 1))
+        if self._beta > 0.0:
+            for m in range(1, M):
+                lineage[m] = rng.permutation(E)
+            inv_w = np.take_along_axis(inv_w, lineage.astype(np.intp), axis=1)
+        self._inv_w = inv_w
+        self._column_to_expert = lineage.reshape(-1)
+        self._layer_offset = (np.arange(M) * E)[:, None]
+        total = int(self._bounds[-1])
+        self._out = np.empty((total, M, K), dtype=np.int16)
+        self._first = np.zeros(total, dtype=bool)  # row is the first token of its request
+        self._first[self._bounds[:-1][counts > 0]] = True
+        self._rows_per_chunk = max(1, _CHUNK_ELEMENTS // (M * E))
+        self._carry = np.zeros((M, E))  # noise of the previous row (for keeps across a chunk boundary)
+        self._done = 0                  # rows generated so far
+
+    def positions(self, i: int) -> int:
+        """Token positions of request ``i``."""
+        return int(self._bounds[i + 1] - self._bounds[i])
+
+    def request(self, i: int) -> np.ndarray:
+        """Request ``i``'s routing ``[positions, M, K]`` (a view of the stream's buffer)."""
+        lo, hi = int(self._bounds[i]), int(self._bounds[i + 1])
+        if self._dense:
+            return np.empty((hi - lo, 0, 0), dtype=np.int16)
+        if self._done < hi:
+            t0 = time.process_time()
+            while self._done < hi:
+                self._next_chunk()
+            self.build_cpu_s += time.process_time() - t0
+        return self._out[lo:hi]
+
+    def _next_chunk(self) -> None:
+        M, E, K = self._shape
+        eta, beta, rng = self._eta, self._beta, self._rng
+        r0 = self._done
+        n = min(self._rows_per_chunk, self._out.shape[0] - r0)
         x = rng.standard_exponential((n, M, E))  # renewal values
         keep = None
         if eta > 0.0 or beta > 0.0:
             u = rng.random((n, M, E))
-            first_rows = first[r0:r0 + n]
             attach = None
             if beta > 0.0:
                 attach = u < beta
@@ -436,7 +476,7 @@ def generate_routing(model: ModelSpec, cfg: RoutingConfig, token_counts: Sequenc
                     keep[:, 1:] = ~attach[:, 1:] & (u[:, 1:] < beta + (1.0 - beta) * eta)
                     for m in range(1, M):  # an attached element keeps iff its partner keeps
                         np.copyto(keep[:, m], keep[:, m - 1], where=attach[:, m])
-                keep[first_rows] = False
+                keep[self._first[r0:r0 + n]] = False
             if beta > 0.0:
                 # an attached element that renews takes its partner's renewal value (the partner
                 # renews too); layer m-1 is final when layer m reads it
@@ -444,17 +484,17 @@ def generate_routing(model: ModelSpec, cfg: RoutingConfig, token_counts: Sequenc
                 for m in range(1, M):
                     np.copyto(x[:, m], x[:, m - 1], where=take[:, m])
         if keep is not None:
-            # Kept elements take token t-1's value (row -1 of this chunk is ``carry``).
-            np.copyto(x[0], carry, where=keep[0])
+            # Kept elements take token t-1's value (row -1 of this chunk is the carry).
+            np.copyto(x[0], self._carry, where=keep[0])
             for i in range(1, n):
                 np.copyto(x[i], x[i - 1], where=keep[i])
-        carry = x[-1].copy()
-        columns = _smallest_k(x * inv_w, K)
+        self._carry = x[-1].copy()
+        columns = _smallest_k(x * self._inv_w, K)
         if beta > 0.0:
-            out[r0:r0 + n] = column_to_expert[layer_offset + columns]
+            self._out[r0:r0 + n] = self._column_to_expert[self._layer_offset + columns]
         else:
-            out[r0:r0 + n] = columns
-    return [out[bounds[i]:bounds[i + 1]] for i in range(len(counts))]
+            self._out[r0:r0 + n] = columns
+        self._done = r0 + n
 
 
 def generate_weights(experts: np.ndarray, rng: np.random.Generator) -> np.ndarray:
