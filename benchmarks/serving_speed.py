@@ -50,6 +50,7 @@ def main() -> None:
     sc = compose_scenario(overrides(args.requests))
     reqs = build_requests(sc.workload, sc.model, sc.seed)
     requests_s = time.process_time() - t
+    stream = getattr(reqs[0]._experts, "stream", None) if reqs else None   # the routing, built as it is read
     engine = Engine(sc, reqs)
     t = time.process_time()
     if args.profile:
@@ -64,7 +65,6 @@ def main() -> None:
     else:
         res = engine.run()
     run_s = time.process_time() - t
-    stream = getattr(reqs[0]._experts, "stream", None) if reqs else None   # built lazily during the run
     routing_s = stream.build_cpu_s if stream is not None else 0.0
     decode = int((res.steps.phase == "decode").sum())
     events = res.summary["events"]

@@ -30,7 +30,7 @@ expert's payload bytes (``expert_bytes``).
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, fields
-from typing import Any, Literal, Mapping, Optional, Protocol, Sequence
+from typing import Any, Literal, Mapping, NamedTuple, Optional, Protocol, Sequence
 
 from .memory import ExpertCache
 from .policies.base import ExpertKey, Plan, PolicyContext, Prefetch, PrefetchPolicy, RunOnHost, StepInfo
@@ -40,12 +40,12 @@ PREFETCH_PRIORITY_BASE = 1
 CopyKind = Literal["demand", "prefetch", "staging"]
 
 
-@dataclass(frozen=True)
-class CopyOrder:
+class CopyOrder(NamedTuple):
     """A command to a backend: copy one expert's weights host -> device.
 
     ``slot`` is what the cache's ``reserve`` returned for it (a device buffer in the real backend,
-    None in the simulator); None for a staging copy (the backend picks a staging buffer).
+    None in the simulator); None for a staging copy (the backend picks a staging buffer). (A
+    named tuple: one is built per copy, and a frozen dataclass costs several times more.)
     """
 
     key: ExpertKey

@@ -57,7 +57,7 @@ import simpy
 
 from hw.cost import BatchShape, CostModel
 from hw.devices import LinkSpec
-from hw.overheads import ExecutorOverheads, overheads_of
+from hw.overheads import NO_OVERHEADS, ExecutorOverheads, overheads_of
 from hw.parallel import cost_for_system
 from hw.system import HOST, System, gpu_node
 from workloads.model import ModelSpec
@@ -85,6 +85,7 @@ class _Job(simpy.Event):
         super().__init__(env)
         self.nbytes, self.priority, self.seq, self.tag = nbytes, priority, seq, tag
         self.end_s: Optional[float] = None      # set when the job's start is fixed
+        self.duration_s = 0.0                   # likewise
 
     def __lt__(self, other: "_Job") -> bool:
         return (self.priority, self.seq) < (other.priority, other.seq)
@@ -147,7 +148,8 @@ class PriorityServer:
             delay = self.launch_s(idle)
             if delay > 0:
                 start_s = start_s + delay
-        job.end_s = end_s = start_s + self.duration_s(job.nbytes)
+        job.duration_s = duration = self.duration_s(job.nbytes)
+        job.end_s = end_s = start_s + duration
         self._tail_s = end_s
         self._fixed += 1
         job.callbacks.insert(0, self._complete)   # before anything waiting on it
@@ -156,7 +158,7 @@ class PriorityServer:
 
     def _complete(self, job: _Job) -> None:
         self._fixed -= 1
-        duration = self.duration_s(job.nbytes)
+        duration = job.duration_s
         self.busy_s += duration
         if self._timeline is not None:
             self._timeline.append(_span(self.label(job.tag), "copy" if self.link else "host", job.end_s - duration,
@@ -321,9 +323,9 @@ class Engine:
         (h2d_id,) = self.system.route(HOST, gpu)
         (d2h_id,) = self.system.route(gpu, HOST)
         h2d, d2h = links[h2d_id], links[d2h_id]
+        launch = None if self.overheads is NO_OVERHEADS else lambda idle: self.overheads.copy_launch_s(h2d, idle)
         self.copier = PriorityServer(env, h2d, f"copy {HOST}->{gpu}", self.timeline,
-                                     duration_s=lambda n: self.cost.copy_s(n, h2d),
-                                     launch_s=lambda idle: self.overheads.copy_launch_s(h2d, idle))
+                                     duration_s=lambda n: self.cost.copy_s(n, h2d), launch_s=launch)
         self.d2h = PriorityServer(env, d2h, f"copy {gpu}->{HOST}", self.timeline,
                                   duration_s=lambda n: self.cost.copy_s(n, d2h))
         self.host = PriorityServer(env, None, "host cpu", self.timeline, duration_s=self._host_expert_s)
