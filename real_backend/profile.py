@@ -51,7 +51,8 @@ synthetic requests with uniform routing, LRU; not any scenario that gets validat
   scheduling, policy calls, runtime bookkeeping, sampling, and ops running slower inside the
   executor than in the op passes (a larger working set: host store plus slot pool) -- per layer;
   decode passes of ``overhead_batches`` sequences and the prefill passes before them
-  (``OVERHEAD_PROMPT`` tokens per sequence). The ops' share comes from simulating the same
+  (``OVERHEAD_PROMPT`` tokens per sequence), each run ``overhead_repeats`` times with the samples
+  pooled (4 in the full sweep). The ops' share comes from simulating the same
   requests with the tables measured so far (``hw.table.Table`` over the rows in memory), pass by
   pass. ``Table`` adds it to each layer's attention block so that the simulator's sum of ops adds
   up to an executor pass. It is a residual, so it can be negative (ops faster in the executor).
@@ -174,6 +175,10 @@ class Sweep:
     copy_pool_bytes: float                 # copies rotate through this many bytes of buffers
     overhead_batches: tuple[int, ...]      # executor runs (every expert resident): decode batch sizes
     overhead_pairs: int                    # resident/offloaded executor run pairs for copy_overhead
+    # layer_overhead: runs of each overhead batch (their passes pooled). One short run gives ~10
+    # decode samples per token count, and its median swung 0.14-0.47 ms per layer between
+    # profiles of mini_qwen at 2 tokens (p10-p90 spanning 0.9 ms): ~1-2 ms of a 20 ms pass.
+    overhead_repeats: int = 1
     reject_tokens: tuple[int, ...] = (1, 2, 4, 8, 16, 32, 64)   # rejection sampling: verified positions
     draft_batches: tuple[int, ...] = (1, 2)   # draft_pass_overhead runs: batch sizes ...
     draft_requests: tuple[int, ...] = (3, 4)  # ... and requests of each run
@@ -192,7 +197,7 @@ FULL = Sweep(
     warmup=1, min_passes=3, max_passes=12, pass_budget_s=0.2,
     min_repeats=5, max_repeats=60, budget_s=0.15,
     kv_budget_bytes=1.0e9, copy_pool_bytes=256 * MB,
-    overhead_batches=(1, 2, 4, 8, 16, 32, 64), overhead_pairs=5)
+    overhead_batches=(1, 2, 4, 8, 16, 32, 64), overhead_pairs=5, overhead_repeats=4)
 
 QUICK = Sweep(
     expert_tokens=(1, 4, 16, 64, 256),
@@ -605,19 +610,22 @@ class _Profiler:
 
         ops_table = self.tables_so_far(spec)
         samples: dict[int, list[float]] = {}
+        calib = []
         for b in sw.overhead_batches:
             sc = scenario(b, 2 * b, 6, E)
-            steps = run(sc)
             sim = Engine(sc, build_requests(sc.workload, sc.model, sc.seed), cost=ops_table,
                          progress=False).run().steps
-            if len(sim) != len(steps):
-                raise RuntimeError(f"calibration: the simulator ran {len(sim)} passes, the executor {len(steps)}")
-            ops_s = sim[["attention_s", "expert_compute_s", "other_compute_s", "host_expert_s"]].sum(axis=1)
-            # Not clipped: where ops run faster inside the executor than in the op passes (large
-            # prefill passes), the residual is negative and corrects the tables the other way.
-            rest = (steps["duration_s"] - ops_s.to_numpy() - steps["copy_stall_s"]) / L
-            for T, v in zip(steps["tokens"], rest):
-                samples.setdefault(int(T), []).append(float(v))
+            calib.append((sc, sim[["attention_s", "expert_compute_s", "other_compute_s", "host_expert_s"]].sum(axis=1)))
+        for _ in range(sw.overhead_repeats):   # round robin: each batch's runs spread over the calibration
+            for sc, ops_s in calib:
+                steps = run(sc)
+                if len(ops_s) != len(steps):
+                    raise RuntimeError(f"calibration: the simulator ran {len(ops_s)} passes, the executor {len(steps)}")
+                # Not clipped: where ops run faster inside the executor than in the op passes (large
+                # prefill passes), the residual is negative and corrects the tables the other way.
+                rest = (steps["duration_s"] - ops_s.to_numpy() - steps["copy_stall_s"]) / L
+                for T, v in zip(steps["tokens"], rest):
+                    samples.setdefault(int(T), []).append(float(v))
         for T, vals in sorted(samples.items()):
             self.add(spec.name, "layer_overhead", _summary(vals), tokens=T)
         if spec.is_dense:

@@ -308,12 +308,17 @@ def test_profiles_merge_by_model_and_cli_errors(tmp_path, capsys):
                 vocab_size=64, num_layers=2)
     b = replace(a, name="tiny_b", num_shared_experts=0, shared_expert_intermediate_size=0)
     rp.run_profile([a], "cpu", tmp_path, sweep=tiny)
-    rp.run_profile([b], "cpu", tmp_path, sweep=tiny)
+    rp.run_profile([b], "cpu", tmp_path, sweep=replace(tiny, overhead_repeats=3))
     header = json.loads((tmp_path / "profile.json").read_text())
     assert set(header["models"]) == {"tiny_a", "tiny_b"} and header["models"]["tiny_a"] == model_signature(a)
     rows = pd.read_parquet(tmp_path / "profile.parquet")
     assert set(rows["model"]) == {"tiny_a", "tiny_b", ""}
     assert len(rows[rows["op"] == "copy"]) == 2 * 2   # 4096 B and the tiny expert size, idle and contended
+    # layer_overhead: 2 requests of 16 + 6 tokens at batch 1 give 2 prefill passes of 16 tokens and
+    # 10 decode passes of 1 token per run; tiny_b's calibration ran 3 times and pooled them
+    lo = rows[rows["op"] == "layer_overhead"].set_index(["model", "tokens"])["repeats"]
+    assert lo[("tiny_a", 1)] == 10 and lo[("tiny_a", 16)] == 2
+    assert lo[("tiny_b", 1)] == 30 and lo[("tiny_b", 16)] == 6
     Table(tmp_path).check(a)
     Table(tmp_path).check(b)
 
