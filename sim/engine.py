@@ -101,11 +101,11 @@ class PriorityServer:
     (``Table``: the executor's copy-thread wake-up; ``engine_idle``: nothing was queued when the job
     came up).
 
-    Events: ONE per job, the job itself, at its end. A job's start is fixed, and its end event scheduled, as soon
-    as nothing can overtake it: at once for a job of the top priority (0) or one that finds the
-    server idle (it starts behind the running job and the top-priority jobs fixed before it), and
-    when the server comes to it for the others (a later demand copy may still overtake a queued
-    prefetch). Times are the sums the equivalent one-process server would form (end = start +
+    Events: ONE per job, the job itself, at its end. A job's start is fixed, and its end event
+    scheduled, as soon as nothing can overtake it: at once for a job that finds the server idle or
+    one of the top priority (0: it starts behind the running job and the top-priority jobs fixed
+    before it), and when the server comes to it for the others (a later demand copy may still
+    overtake a queued prefetch). Times are the sums the equivalent one-process server would form (end = start +
     duration, start = previous end + launch), so schedules are the same to the last bit.
     """
 

@@ -185,8 +185,9 @@ def synthetic_request_count(cfg: WorkloadConfig) -> int:
 
 def routing_bytes_estimate(cfg: WorkloadConfig, model: ModelSpec) -> float:
     """Bytes a synthetic workload's routing takes in memory: every token's top-k ids at every MoE
-    layer as int16 (``workloads.synthetic``), twice with gate-lookahead predictions, plus ~2 KB of
-    Python objects per request. An upper bound for ``length_dist=uniform``."""
+    layer as int16 (``workloads.synthetic``), twice with gate-lookahead predictions (built only if a
+    policy reads them, counted anyway), plus ~2 KB of Python objects per request. An upper bound,
+    also for ``length_dist=uniform``."""
     n = synthetic_request_count(cfg)
     stretch = 1.0 + (cfg.length_spread if cfg.length_dist == "uniform" else 0.0)
     tokens = n * (min(cfg.prompt_len * stretch, cfg.max_prefill_tokens) + cfg.output_len * stretch)
