@@ -175,6 +175,18 @@ def ngram_propose(ids: list[int], k: int, max_n: int = 3) -> list[int]:
 REAL_DRAFTERS = ("model", "ngram")
 
 
+def check_runnable(scenario: Scenario, free_running: bool = False) -> None:
+    """One-line ``ConfigError`` unless the real executor can run ``scenario`` as the simulator
+    would: one device (tensor parallelism is simulated only: the executor has no sharded model or
+    process group, and running the whole model on one device would be compared with a simulated
+    split), and speculative decoding it can carry out (``check_speculation``)."""
+    tp = scenario.hw.tensor_parallel
+    if tp != 1:
+        raise ConfigError(f"hw.tensor_parallel={tp} is not run by the real executor (it runs the whole model on "
+                          f"one device; tensor parallelism is simulated only); use hw.tensor_parallel=1")
+    check_speculation(scenario, free_running)
+
+
 def check_speculation(scenario: Scenario, free_running: bool = False) -> None:
     """One-line ``ConfigError`` unless the real executor can run the scenario's speculative decoding."""
     cfg = scenario.speculation
@@ -350,10 +362,9 @@ class RealExecutor:
         self.requests = sorted(requests, key=lambda r: r.arrival_s)
         if not self.requests:
             raise ConfigError("workload.num_requests=0 is invalid for the real executor; need at least one request")
+        check_runnable(scenario, free_running)
         spec_cfg = scenario.speculation
         self._speculating = spec_cfg.name != "none"
-        if self._speculating:
-            check_speculation(scenario, free_running)
         self.spec_policy: SpeculationPolicy = speculation or speculation_policy_class(spec_cfg.name)(spec_cfg)
         self.draft = draft
         self.policy = policy or prefetch_policy_class(scenario.prefetch.name)(scenario.prefetch)

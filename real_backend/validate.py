@@ -342,9 +342,9 @@ def validate(overrides: Sequence[str] = (), repeats: int = 3, profile_dir: Optio
     scenario = _compose(ov + ["sim.progress=false", "++hw.cost_model=roofline"])
     if free_running:
         check_free_running(scenario)
-    from .executor import check_speculation
+    from .executor import check_runnable
 
-    check_speculation(scenario, free_running)
+    check_runnable(scenario, free_running)
     dev_type = device or "cpu"
     pdir = _resolved_profile or resolve_profile_dir([scenario], profile_dir, dev_type, log)
     sim_scenario = _compose(ov + ["sim.progress=false", "sim.timeline=true", "++hw.cost_model=table",
@@ -454,12 +454,12 @@ def run_sweep(fixed: Sequence[str], axes: Sequence[str], repeats: int, profile_d
     axes_keys = [a.split("=", 1)[0] for a in axes]
     scenarios = [_compose(with_defaults(list(fixed) + c) + ["sim.progress=false", "++hw.cost_model=roofline"])
                  for c in cells]  # all checked first (no cost tables needed for that)
-    from .executor import check_speculation
+    from .executor import check_runnable
 
     for sc in scenarios:
         if free_running:
             check_free_running(sc)
-        check_speculation(sc, free_running)
+        check_runnable(sc, free_running)
     pdir = resolve_profile_dir(scenarios, profile_dir, device or "cpu", log)
     rows = []
     for i, cell in enumerate(cells):
