@@ -269,8 +269,7 @@ class ServingLoop:
         if self.policy.substitutes:
             ids, counts = self.policy.substitute(step.index, layer, ids, counts)
         step.active.append(len(ids))
-        predicted = self.predicted_next(step, layer) if step.pred_rows is not None else None
-        acc = self.offload.begin_layer(step.index, layer, ids, counts, predicted)
+        acc = self.offload.begin_layer(step.index, layer, ids, counts, self.predicted_next(step, layer))
         if acc.host:
             per_token = self.model.hidden_size * self.model.act_bytes_per_elem
             for e in acc.host:
