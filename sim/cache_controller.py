@@ -176,7 +176,7 @@ class CacheController:
             raise RuntimeError(f"begin_layer({layer}) while layer {self.layer} is open: call end_layer() first")
         cache, policy, c = self.cache, self.policy, self.counters
         keys = [(layer, e) for e in ids]
-        cache.pin(keys)  # from here on, nothing this layer needs is evicted
+        cache.pinned = keys  # from here on, nothing this layer needs is evicted
         self.layer = layer
         plan = policy.on_routed(step, layer, ids, predicted, cache, counts)
         acc = LayerAccess(layer, dict(zip(ids, counts)))
@@ -211,7 +211,7 @@ class CacheController:
 
     def end_layer(self) -> None:
         """The layer's experts have run (or been issued): unpin them."""
-        self.cache.pin(())
+        self.cache.pinned = ()
         self.layer = None
 
     def end_step(self, step: int) -> StepCounters:

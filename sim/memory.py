@@ -151,6 +151,7 @@ class ExpertCache:
 
     @pinned.setter
     def pinned(self, keys) -> None:
+        """The running layer needs ``keys`` (any iterable): none may be evicted until the next pins."""
         self._pinned = set(keys)
         self.generation += 1
 
@@ -173,10 +174,6 @@ class ExpertCache:
         return self.capacity[b] - self.used[b]
 
     # ---- engine-side mutations
-    def pin(self, keys) -> None:
-        """The running layer needs ``keys``: none of them may be evicted until the next ``pin``."""
-        self.pinned = keys
-
     def reserve(self, key: ExpertKey) -> None:
         b = self._bucket(key[0])
         if self.used[b] >= self.capacity[b]:

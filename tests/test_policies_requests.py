@@ -122,7 +122,7 @@ def test_a_fruitless_victim_scan_is_remembered_until_a_copy_lands_or_the_pins_ch
     cache.reserve((0, 2))                      # a copy in flight holds the third slot
     lru = LRU(PrefetchConfig(cache_scope="global"))
     lru.reset(PolicyContext(model, "global", None, 3, ((0, 0), (0, 1))))
-    cache.pin([(0, 0), (0, 1), (0, 3)])
+    cache.pinned = [(0, 0), (0, 1), (0, 3)]
     calls = []
     real_can_evict = cache.can_evict
     cache.can_evict = lambda layer, e: calls.append((layer, e)) or real_can_evict(layer, e)
@@ -133,7 +133,7 @@ def test_a_fruitless_victim_scan_is_remembered_until_a_copy_lands_or_the_pins_ch
     assert lru.victim(0, 4, cache) == (0, 2)                       # ... and is evictable at once
     cache.evict((0, 2))
     assert lru.victim(0, 4, cache) is None                         # pins unchanged: nothing else
-    cache.pin([(0, 1)])                                            # the next layer needs less
+    cache.pinned = [(0, 1)]                                         # the next layer needs less
     assert lru.victim(0, 4, cache) == (0, 0)
 
 
