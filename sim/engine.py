@@ -381,8 +381,9 @@ class Engine:
                           cost.dense_ffn_s(model, T) if model.dense_layers else 0.0)
 
     def _forward(self, loop: ServingLoop, s: Step):
-        """One pass on the GPU's compute stream: one timeout per MoE layer up to its router, then
-        the layer's experts (``_experts``); returns the pass's ``PassTimes``."""
+        """One pass on the GPU's compute stream: up to each MoE layer's router (a timeout only when
+        another event is due first), then the layer's experts (``_experts``, or ``_resident_experts``
+        when none has to be waited for); returns the pass's ``PassTimes``."""
         env, model, ctl = self.env, self.model, self.controller
         pc = self._pass_costs(s)
         routing = layer_routing(s.rows, model.num_experts)
@@ -421,6 +422,15 @@ class Engine:
         yield env.timeout(pending + lm + pc.reject_s)
         return t
 
+    def _issue_s(self, t: PassTimes, copies_ordered: int) -> float:
+        """The compute stream's share of the copies a layer ordered (``copy_overhead_s`` each), booked
+        as other compute."""
+        if not copies_ordered:
+            return 0.0
+        issue_s = self._copy_overhead_s * copies_ordered
+        t.other_compute_s += issue_s
+        return issue_s
+
     def _resident_experts(self, acc: LayerAccess, pc: _PassCosts, t: PassTimes, copies_ordered: int) -> float:
         """``_experts`` of a layer whose experts are all resident: no wait, only sums (routing order)."""
         ready = pc.shared_s
@@ -428,11 +438,7 @@ class Engine:
             x = self._expert_time(n)
             t.expert_compute_s += x
             ready += x
-        if copies_ordered:   # the layer's prefetches
-            issue_s = self._copy_overhead_s * copies_ordered
-            ready += issue_s
-            t.other_compute_s += issue_s
-        return ready + pc.combine_s
+        return ready + self._issue_s(t, copies_ordered) + pc.combine_s
 
     def _experts(self, acc: LayerAccess, pc: _PassCosts, t: PassTimes, copies_ordered: int):
         """A MoE layer's experts after its router: resident (and shared) experts first, then each
@@ -456,11 +462,7 @@ class Engine:
                 waits.append((self.copies.job((layer, e)), x))
             else:
                 ready += x
-        if copies_ordered:
-            issue_s = self._copy_overhead_s * copies_ordered
-            ready += issue_s
-            t.other_compute_s += issue_s
-        acc_s = ready
+        acc_s = ready + self._issue_s(t, copies_ordered)
         for ev, x in waits:
             if ev.processed:
                 acc_s += x
