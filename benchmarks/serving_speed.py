@@ -68,7 +68,7 @@ def main() -> None:
     routing_s = stream.build_cpu_s if stream is not None else 0.0
     decode = int((res.steps.phase == "decode").sum())
     events = res.summary["events"]
-    positions = sum(r.prompt_len + r.output_len - 1 for r in reqs)
+    positions = sum(r.positions for r in reqs)
     print(f"requests {len(reqs)}, token positions {positions}, passes {len(res.steps)} ({decode} decode), "
           f"events {events}, hit rate {res.summary['expert_hit_rate']:.3f}, TPOT {res.summary['tpot_s'] * 1e3:.2f} ms")
     engine_s = run_s - routing_s

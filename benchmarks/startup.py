@@ -5,7 +5,7 @@
 
 Each run is a fresh process writing into a temporary directory (wall seconds, median printed).
 Then one more run under ``python -X importtime`` splits the imports: the packages that cost most
-(cumulative microseconds, as Python reports them). Figures depend on the machine and its load.
+(cumulative seconds, from what Python reports in microseconds). Figures depend on the machine and its load.
 """
 
 from __future__ import annotations
@@ -22,9 +22,9 @@ TINY = ["workload.num_requests=1", "workload.output_len=2"]
 WATCH = ("pandas", "pyarrow", "networkx", "hydra", "omegaconf", "numpy", "simpy", "scipy", "matplotlib", "torch")
 
 
-def run_once(out_dir: str, extra: list[str]) -> float:
+def run_once(out_dir: str) -> float:
     t0 = time.perf_counter()
-    subprocess.run([sys.executable, *extra, "-m", "sim.cli", *TINY, f"hydra.run.dir={out_dir}"],
+    subprocess.run([sys.executable, "-m", "sim.cli", *TINY, f"hydra.run.dir={out_dir}"],
                    check=True, capture_output=True, text=True)
     return time.perf_counter() - t0
 
@@ -46,7 +46,7 @@ def main() -> None:
     ap.add_argument("--runs", type=int, default=5)
     args = ap.parse_args()
     with tempfile.TemporaryDirectory() as d:
-        walls = [run_once(f"{d}/run{i}", []) for i in range(args.runs)]
+        walls = [run_once(f"{d}/run{i}") for i in range(args.runs)]
     print(f"moesim, one tiny request: median {statistics.median(walls):.2f} s wall over {args.runs} runs "
           f"(min {min(walls):.2f}, max {max(walls):.2f})")
     costs = import_costs()
