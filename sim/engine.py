@@ -179,7 +179,8 @@ def _advance(env: simpy.Environment, delay_s: float) -> None:
 
 def _schedule_at(env: simpy.Environment, event: simpy.Event, time_s: float) -> None:
     """Schedule a triggered ``event`` at absolute time ``time_s`` (``env.schedule`` takes a delay,
-    and now + (time - now) need not round back to time)."""
+    and now + (time - now) need not round back to time). This and ``_advance`` use SimPy 4's
+    ``Environment`` internals (``_now``, ``_queue``, ``_eid``); pyproject caps simpy below 5."""
     heapq.heappush(env._queue, (time_s, simpy.core.NORMAL, next(env._eid), event))
 
 
