@@ -72,6 +72,12 @@ scenario, same requests, same policy objects, same record schema, same summarise
   request's committed tokens and which model chose each generated one (``T`` target, ``D``
   draft). ``free_running=True`` with speculation is refused (the rejected drafts' routing could
   not be replayed).
+* **Tensor parallelism** (``hw.tensor_parallel = p > 1``): ``real_backend.tensor_parallel``; rank 0 is
+  this process (loop, controller, policy, offload runtime for its slice of every expert, records),
+  ranks ``1..p-1`` are worker processes started by ``run()`` and stopped at its end; each target pass
+  goes through ``TPGroup.forward``. Memory plan, copy bytes and the Fiddler crossover are one GPU's
+  (``ModelSpec.tensor_shard``), as in the simulator. ``model``/``store`` cannot be passed (every
+  rank builds its shard from the seed).
 * **Dense targets** (``num_experts: 0``, e.g. ``model=mini_draft``): nothing to offload; the
   runtime is a stand-in that counts nothing (used by ``moesim-profile`` to calibrate dense models).
 * **Outputs**: ``RunResult`` (``sim.engine``), so ``sim.cli.write_outputs`` writes the same files
@@ -96,6 +102,7 @@ import numpy as np
 import torch
 
 from hw.cost import CostModel, Roofline
+from hw.parallel import TensorParallelCost, cost_for_system
 from hw.system import HOST, System, gpu_node
 from sim.engine import RunResult, host_crossover_tokens, record_future
 from sim.loop import Idle, PassTimes, ServingLoop, Step, plan_run_memory
@@ -110,6 +117,7 @@ from workloads.validation import ConfigError
 from . import ops
 from .model import MoEModel
 from .offload import HostStore, OffloadRuntime, StepCounters
+from .tensor_parallel import TPGroup, check_tensor_parallel
 
 NO_CAP_BPS = 1e12   # a host-link bandwidth at or above this is "no cap" (hw=this_cpu's default)
 ATTENTION_OPS = frozenset({"attention"})
@@ -134,13 +142,17 @@ def build_model_and_store(scenario: Scenario, device: Optional[str | torch.devic
                               f"{msg}") from None
     else:
         model = MoEModel(scenario.model, dev, dtype, seed=scenario.seed, expert_device="cpu")
-    if not model.experts:   # a dense model: nothing to offload
-        return model, None
-    experts = {k: w.tensors for k, w in model.experts.items()}
-    store = HostStore.for_device(experts, dev)
+    return model, move_experts_to_store(model, dev)
+
+
+def move_experts_to_store(model: MoEModel, device: torch.device) -> Optional[HostStore]:
+    """Move the model's routed experts into a ``HostStore`` (pinned for a CUDA ``device``); the model
+    keeps only its non-expert weights. A dense model has none: None."""
+    if not model.experts:
+        return None
+    store = HostStore.for_device({k: w.tensors for k, w in model.experts.items()}, device)
     model.experts = {}
-    del experts
-    return model, store
+    return store
 
 
 def build_draft_model(scenario: Scenario, device: Optional[str | torch.device] = None,
@@ -177,13 +189,8 @@ REAL_DRAFTERS = ("model", "ngram")
 
 def check_runnable(scenario: Scenario, free_running: bool = False) -> None:
     """One-line ``ConfigError`` unless the real executor can run ``scenario`` as the simulator
-    would: one device (tensor parallelism is simulated only: the executor has no sharded model or
-    process group, and running the whole model on one device would be compared with a simulated
-    split), and speculative decoding it can carry out (``check_speculation``)."""
-    tp = scenario.hw.tensor_parallel
-    if tp != 1:
-        raise ConfigError(f"hw.tensor_parallel={tp} is not run by the real executor (it runs the whole model on "
-                          f"one device; tensor parallelism is simulated only); use hw.tensor_parallel=1")
+    would: speculative decoding it can carry out (``check_speculation``); tensor parallelism is
+    checked with the device (``tensor_parallel.check_tensor_parallel``)."""
     check_speculation(scenario, free_running)
 
 
@@ -223,7 +230,7 @@ class _DenseRuntime:
         self.resume_delays_s: list[float] = []
 
     def start(self, model, *, seed: int = 0, initial_residency: str = "fill", host_crossover_tokens=None,
-              future=None) -> None:
+              future=None, tensor_parallel: int = 1) -> None:
         self.policy.reset(PolicyContext(model, "per_layer", 0, 0, (), seed, host_crossover_tokens))
 
     def begin_step(self, info: StepInfo) -> tuple:
@@ -390,6 +397,12 @@ class RealExecutor:
                 self.device = ops.resolve_device(device)
             except ValueError as exc:
                 raise ConfigError(f"device={device} is not usable: {exc}") from None
+        self.tensor_parallel = scenario.hw.tensor_parallel
+        check_tensor_parallel(self.tensor_parallel, self.device, free_running)
+        if self.tensor_parallel > 1 and (model is not None or store is not None):
+            raise ConfigError(f"hw.tensor_parallel={self.tensor_parallel}: every rank builds its shard from the "
+                              f"seed; do not pass a model or store")
+        self._tp: Optional[TPGroup] = None
         self.model, self.store = model, store
         self._cost = cost
         self.threads = threads if threads is not None else (1 if self.device.type == "cpu" else None)
@@ -412,13 +425,15 @@ class RealExecutor:
         return plan_run_memory(self.scenario, self.requests)
 
     def _cost_model(self) -> CostModel:
+        """The simulator's cost model of the scenario (tensor parallelism included), else the roofline."""
         if self._cost is None:
-            from hw.cost import cost_model_for
-
+            hw = self.scenario.hw
             try:
-                self._cost = cost_model_for(self.scenario.hw, self.spec)
+                self._cost = cost_for_system(hw, self.spec)
             except ConfigError:
-                self._cost = Roofline(self.scenario.hw.gpu, self.scenario.hw.cpu)
+                roofline = Roofline(hw.gpu, hw.cpu)
+                tp = hw.tensor_parallel
+                self._cost = roofline if tp == 1 else TensorParallelCost(roofline, tp, System(hw))
         return self._cost
 
     def _runtime(self) -> OffloadRuntime:
@@ -436,9 +451,42 @@ class RealExecutor:
     # ------------------------------------------------------------------ run
     def run(self) -> RunResult:
         wall0 = time.perf_counter()
+        failed = True
+        try:
+            result = self._run(wall0)
+            failed = False
+            return result
+        finally:
+            if self._tp is not None:
+                self._tp.close(failed)
+                self._tp = None
+
+    def _start_model(self) -> None:
+        """The target model and its host store: rank 0's shard under tensor parallelism (the other
+        ranks start here too), else the whole model (unless given)."""
         sc = self.scenario
-        if self.model is None or (self.store is None and not self.spec.is_dense):
+        if self.tensor_parallel > 1:
+            self._tp = TPGroup.start(sc, self.tensor_parallel, self.device, None, self.threads)
+            self.model = self._tp.model
+            self.store = move_experts_to_store(self.model, self.device)
+        elif self.model is None or (self.store is None and not self.spec.is_dense):
             self.model, self.store = build_model_and_store(sc, self.device)
+
+    def _new_cache(self, max_seqs: int, capacity: int):
+        """A KV cache of the target model (on every rank under tensor parallelism)."""
+        if self._tp is not None:
+            return self._tp.new_cache(max_seqs, capacity)
+        return self.model.new_cache(max_seqs, capacity)
+
+    def _target_forward(self, tokens, cache, slots, **kwargs):
+        """One forward pass of the target model (announced to the other ranks under tensor parallelism)."""
+        if self._tp is not None:
+            return self._tp.forward(tokens, cache, slots, **kwargs)
+        return self.model.forward(tokens, cache, slots, **kwargs)
+
+    def _run(self, wall0: float) -> RunResult:
+        sc = self.scenario
+        self._start_model()
         if self.draft is None:
             self.draft = build_draft_model(sc, self.device, self.model.dtype)
         future = None
@@ -448,7 +496,8 @@ class RealExecutor:
         if not self.spec.is_dense:   # the host crossover the simulator gives the policy (Fiddler)
             system = System(sc.hw)
             (h2d_id,) = system.route(HOST, gpu_node(sc.sim.gpu))
-            crossover = host_crossover_tokens(self._cost_model(), self.spec, system.links()[h2d_id])
+            crossover = host_crossover_tokens(self._cost_model(), self.spec.tensor_shard(self.tensor_parallel),
+                                              system.links()[h2d_id])
         old_threads = torch.get_num_threads()
         if self.threads:
             torch.set_num_threads(self.threads)
@@ -458,7 +507,7 @@ class RealExecutor:
         try:
             try:
                 rt.start(self.spec, seed=sc.seed, initial_residency=sc.sim.initial_residency,
-                         host_crossover_tokens=crossover, future=future)
+                         host_crossover_tokens=crossover, future=future, tensor_parallel=self.tensor_parallel)
             except ValueError as exc:
                 raise ConfigError(str(exc).splitlines()[0]) from None
             self.rt = rt
@@ -507,22 +556,23 @@ class RealExecutor:
         model, store = self.model, self.store
         r = self.requests[0]
         n = max(1, min(r.prompt_len, 64))
-        cache = model.new_cache(1, n + self.warmup_passes + 1)
+        cache = self._new_cache(1, n + self.warmup_passes + 1)
         slot = cache.allocate()
         ids = r.experts[:n].astype(np.int64)
         get = lambda layer, e: store.tensors((layer, e))  # noqa: E731
         routing = {layer: ids[:, m, :] for m, layer in enumerate(model.moe_layers)}
-        out = model.forward([[1] * n], cache, [slot], routing=routing, get_expert=get)
+        fwd = self._target_forward
+        out = fwd([[1] * n], cache, [slot], routing=routing, get_expert=get)
         for i in range(self.warmup_passes):
             row = r.experts[min(n + i, len(r.experts) - 1)].astype(np.int64)
             routing = {layer: row[m][None, :] for m, layer in enumerate(model.moe_layers)}
-            out = model.forward([[int(out.logits[0].argmax())]], cache, [slot], routing=routing, get_expert=get)
+            out = fwd([[int(out.logits[0].argmax())]], cache, [slot], routing=routing, get_expert=get)
         if self._speculating:   # a verify-shaped pass (masked attention, every position's logits), the
             v = self.scenario.speculation.k + 1   # drafter's passes and rejection sampling
             idx = [min(n + self.warmup_passes + j, len(r.experts) - 1) for j in range(v)]
             rows = r.experts[idx].astype(np.int64)
             routing = {layer: rows[:, m, :] for m, layer in enumerate(model.moe_layers)}
-            out = model.forward([[1] * v], cache, [slot], routing=routing, get_expert=get, all_logits=True)
+            out = fwd([[1] * v], cache, [slot], routing=routing, get_expert=get, all_logits=True)
             q = out.logits.softmax(dim=-1)
             drafted = torch.ones(v, dtype=torch.long, device=self.device)
             ops.rejection_sampling(out.logits, q, drafted)
@@ -542,7 +592,7 @@ class RealExecutor:
         self.token_origins: dict[int, list[str]] = {}
         longest = max(r.prompt_len + r.output_len for r in self.requests)
         max_seqs = max(1, min(wl.batch_size, len(self.requests)))
-        self.kv = self.model.new_cache(max_seqs, longest + 1)
+        self.kv = self._new_cache(max_seqs, longest + 1)
         self.dkv = self.draft.new_cache(max_seqs, longest + 1) if self.draft is not None else None
         self._reject_gen = torch.Generator(device=self.device).manual_seed(sc.seed + 29)
         self._timer = _OpTimer(self)
@@ -581,7 +631,7 @@ class RealExecutor:
     def _forward(self, s: Step) -> tuple[float, float, PassTimes]:
         """One pass: prefill, decode, or (``s.rnd``) a speculation round: draft, verify, rejection
         sampling, commit and roll back (module docstring). Returns its start, end and time split."""
-        model, timer, loop = self.model, self._timer, self.loop
+        timer, loop = self._timer, self.loop
         t_start = time.perf_counter()
         timer.reset()
         batch, rnd = s.batch, s.rnd
@@ -601,8 +651,8 @@ class RealExecutor:
         if rnd is not None:   # drafted after the step began (prefetches overlap drafting, as simulated)
             with timer("draft", None, None):
                 tokens, q, drafted = self._draft_round(batch, rnd)
-        out = model.forward(tokens, self.kv, slots, routing=routing, get_expert=self._get_expert,
-                            on_routed=self._on_routed, op_timer=timer, all_logits=rnd is not None)
+        out = self._target_forward(tokens, self.kv, slots, routing=routing, get_expert=self._get_expert,
+                                   on_routed=self._on_routed, op_timer=timer, all_logits=rnd is not None)
         if rnd is not None:
             if any(rnd.drafts):   # real work, timed; its outcome is ignored (forced acceptance)
                 with timer("rejection_sampling", None, None):

@@ -117,6 +117,9 @@ class MoEModel:
         self.expert_device = ops.resolve_device(expert_device) if expert_device is not None else self.device
         self.seed = seed
         self.init_std = init_std
+        # Tensor parallelism (real_backend.tensor_parallel): the shard's collectives and slice plan.
+        self.tp: Optional[Any] = None
+        self.tp_plan: Optional[Any] = None
         self.eps = rms_norm_eps
         self.geometry = AttnGeometry.from_spec(spec)
         self.rope = Rope(self.geometry.head_dim, rope_theta, self.device)
@@ -224,16 +227,20 @@ class MoEModel:
         cache.ensure_capacity(max(s + n for s, n in zip(starts, new)))
         T = sum(new)
         forced = self._forced_routing(routing, T)
+        tp = self.tp
+        reduce = tp.all_reduce if tp is not None else None
         with timer("embed", None, None):
             meta = ops.prepare_pass(starts, new, slots, geom, self.rope, self.device, self.dtype)
-            x = ops.embed(torch.cat(seqs).to(self.device), self.embed_w)
+            ids = torch.cat(seqs).to(self.device)
+            x = ops.embed(ids, self.embed_w) if tp is None else tp.embed(ids, self.embed_w)
         used: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
         for layer, lw in enumerate(self.layers):
             with timer("attention", layer, None):
-                h, xn = ops.attention_block(x, lw.attn, cache.k[layer], cache.v[layer], meta, geom, self.eps)
+                h, xn = ops.attention_block(x, lw.attn, cache.k[layer], cache.v[layer], meta, geom, self.eps,
+                                            reduce)
             if lw.dense is not None:
                 with timer("dense_ffn", layer, None):
-                    x = ops.dense_ffn(xn, h, lw.dense.gate_up, lw.dense.down)
+                    x = ops.dense_ffn(xn, h, lw.dense.gate_up, lw.dense.down, reduce)
                 continue
             f_ids, f_w = forced.get(layer, (None, None))
             x, ids, w = self.moe(layer, xn, h, f_ids, f_w, get_expert=get_expert, on_routed=on_routed,
@@ -243,6 +250,8 @@ class MoEModel:
         with timer("lm_head", None, None):
             logits = ops.lm_head(x, None if all_logits else meta.last_index, self.final_norm, self.lm_head_w,
                                  self.eps)
+            if tp is not None:
+                logits = tp.gather_logits(logits)
         return ForwardOutput(logits, used)
 
     __call__ = forward
@@ -280,7 +289,7 @@ class MoEModel:
                 outs.append(ops.run_expert(xn, disp.token_idx[i], disp.weights[i], wgu, wd))
             idxs.append(disp.token_idx[i])
         with timer("combine", layer, None):
-            y = ops.combine(residual, outs, idxs, shared_out)
+            y = ops.combine(residual, outs, idxs, shared_out, self.tp.all_reduce if self.tp is not None else None)
         return y, ids, w
 
     def _forced_routing(self, routing: Optional[Mapping[int, Any]], T: int) -> dict:

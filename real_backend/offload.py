@@ -743,15 +743,18 @@ class OffloadRuntime:
     # ------------------------------------------------------------------ lifecycle
     def start(self, model, *, seed: int = 0, initial_residency: Literal["fill", "empty"] = "fill",
               host_crossover_tokens: Optional[int] = None, future=None,
-              allow_byte_mismatch: bool = False) -> PolicyContext:
+              allow_byte_mismatch: bool = False, tensor_parallel: int = 1) -> PolicyContext:
         """Fill the pool (``fill``: as ``ExpertCache.initial_fill``; the copies are not counted) and
-        reset the policy with the matching ``PolicyContext``; ``future`` goes to ``set_future``."""
+        reset the policy with the matching ``PolicyContext``; ``future`` goes to ``set_future``.
+        ``tensor_parallel=p``: the store holds one rank's slice of each expert (``model.tensor_shard(p)``'s
+        ``expert_bytes``)."""
         self._check_thread()
         if tuple(model.moe_layers) != self.moe_layers or model.num_experts != self.num_experts:
             raise ValueError(f"model {model.name} has MoE layers {tuple(model.moe_layers)} x {model.num_experts} "
                              f"experts; the HostStore holds layers {self.moe_layers} x {self.num_experts}")
-        if not allow_byte_mismatch and model.expert_bytes != self.expert_bytes:
-            raise ValueError(f"model {model.name}: expert_bytes={model.expert_bytes:g} but the HostStore's experts "
+        want_bytes = model.tensor_shard(tensor_parallel).expert_bytes
+        if not allow_byte_mismatch and want_bytes != self.expert_bytes:
+            raise ValueError(f"model {model.name}: expert_bytes={want_bytes:g} but the HostStore's experts "
                              f"have {self.expert_bytes} bytes; set the spec's expert_bytes_per_param to the store's "
                              f"dtype size (or pass allow_byte_mismatch=True)")
         if self.pool.resident or self.pool.in_flight:

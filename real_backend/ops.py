@@ -47,10 +47,13 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Optional, Sequence
+from typing import Callable, Optional, Sequence
 
 import torch
 import torch.nn.functional as F
+
+#: An in-place all-reduce of a tensor-parallel shard's partial sums (``real_backend.tensor_parallel``).
+Reduce = Callable[[torch.Tensor], torch.Tensor]
 
 # --------------------------------------------------------------------------- device handling
 
@@ -308,8 +311,10 @@ class AttnWeights:
 
 
 def attention_block(x: torch.Tensor, w: AttnWeights, cache_k: torch.Tensor, cache_v: torch.Tensor,
-                    meta: PassMeta, geometry: AttnGeometry, eps: float) -> tuple[torch.Tensor, torch.Tensor]:
+                    meta: PassMeta, geometry: AttnGeometry, eps: float,
+                    reduce: Optional[Reduce] = None) -> tuple[torch.Tensor, torch.Tensor]:
     """One layer's attention for the pass; returns ``(residual stream, its post-attention norm)``.
+    ``reduce`` (tensor parallelism): the all-reduce of the output projection's partial sums.
 
     Writes this layer's K and V of the new tokens into ``cache_k``/``cache_v``
     (``[slots, kv_heads, capacity, d]``, capacity already large enough) at their positions.
@@ -339,7 +344,10 @@ def attention_block(x: torch.Tensor, w: AttnWeights, cache_k: torch.Tensor, cach
     out = out.view(B, kvh, g, Tmax, d).permute(0, 3, 1, 2, 4).reshape(B * Tmax, nh * d)
     if meta.pad_index is not None:
         out = out.index_select(0, meta.pad_index)
-    h = x + F.linear(out, w.w_o)
+    if reduce is None:
+        h = x + F.linear(out, w.w_o)
+    else:
+        h = x + reduce(F.linear(out, w.w_o))
     return h, rms_norm(h, w.ffn_norm, eps)
 
 
@@ -420,18 +428,26 @@ def shared_experts(x: torch.Tensor, w_gate_up: torch.Tensor, w_down: torch.Tenso
 
 
 def dense_ffn(x: torch.Tensor, residual: torch.Tensor, w_gate_up: torch.Tensor,
-              w_down: torch.Tensor) -> torch.Tensor:
-    """A dense layer's FFN on the normed stream, added to the residual stream."""
-    return residual + expert_ffn(x, w_gate_up, w_down)
+              w_down: torch.Tensor, reduce: Optional[Reduce] = None) -> torch.Tensor:
+    """A dense layer's FFN on the normed stream, added to the residual stream (``reduce``: the
+    all-reduce of a tensor-parallel shard's partial output)."""
+    if reduce is None:
+        return residual + expert_ffn(x, w_gate_up, w_down)
+    return residual + reduce(expert_ffn(x, w_gate_up, w_down))
 
 
 def combine(residual: torch.Tensor, outputs: Sequence[torch.Tensor], token_idx: Sequence[torch.Tensor],
-            shared_out: Optional[torch.Tensor] = None) -> torch.Tensor:
-    """Residual + shared output + every expert's weighted output scattered back to its tokens."""
-    y = residual + shared_out if shared_out is not None else residual.clone()
+            shared_out: Optional[torch.Tensor] = None, reduce: Optional[Reduce] = None) -> torch.Tensor:
+    """Residual + shared output + every expert's weighted output scattered back to its tokens.
+    ``reduce`` (tensor parallelism): the FFN output is a shard's partial sum, all-reduced before it
+    joins the residual stream."""
+    if reduce is None:
+        y = residual + shared_out if shared_out is not None else residual.clone()
+    else:
+        y = shared_out.clone() if shared_out is not None else torch.zeros_like(residual)
     for out, idx in zip(outputs, token_idx):
         y.index_add_(0, idx, out)
-    return y
+    return y if reduce is None else residual + reduce(y)
 
 
 def lm_head(h: torch.Tensor, last_index: Optional[torch.Tensor], w_norm: torch.Tensor,

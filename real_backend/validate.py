@@ -345,6 +345,7 @@ def validate(overrides: Sequence[str] = (), repeats: int = 3, profile_dir: Optio
     from .executor import check_runnable
 
     check_runnable(scenario, free_running)
+    check_one_device(scenario)
     dev_type = device or "cpu"
     pdir = _resolved_profile or resolve_profile_dir([scenario], profile_dir, dev_type, log)
     sim_scenario = _compose(ov + ["sim.progress=false", "sim.timeline=true", "++hw.cost_model=table",
@@ -447,6 +448,16 @@ def rank_groups(acc: pd.DataFrame, axes_keys: Sequence[str]) -> pd.DataFrame:
     return acc
 
 
+def check_one_device(scenario) -> None:
+    """One-line ``ConfigError`` for a tensor-parallel scenario: the cost tables ``moesim-profile``
+    measures are one device's ops on the whole model, so a simulated split has no measured costs to
+    be compared with (the real executor itself runs tensor parallelism; see README)."""
+    tp = scenario.hw.tensor_parallel
+    if tp != 1:
+        raise ConfigError(f"hw.tensor_parallel={tp} is not validated by moesim-validate (its cost tables are measured "
+                          f"on one device, for the unsplit model); use hw.tensor_parallel=1")
+
+
 def run_sweep(fixed: Sequence[str], axes: Sequence[str], repeats: int, profile_dir, out: Path, device,
               log: Callable[[str], None], free_running: bool = False,
               checkpoint: Optional[str | Path] = None) -> pd.DataFrame:
@@ -460,6 +471,7 @@ def run_sweep(fixed: Sequence[str], axes: Sequence[str], repeats: int, profile_d
         if free_running:
             check_free_running(sc)
         check_runnable(sc, free_running)
+        check_one_device(sc)
     pdir = resolve_profile_dir(scenarios, profile_dir, device or "cpu", log)
     rows = []
     for i, cell in enumerate(cells):

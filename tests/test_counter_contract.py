@@ -168,3 +168,44 @@ def test_synchronous_copies_run_in_queue_order_when_landed():
         assert eng.take_completed() == [] and eng.wait_idle()
     finally:
         eng.close()
+
+
+# Tensor parallelism: the same tiny scenario split two ways. The real executor runs two processes
+# (gloo); rank 0 carries out the offload protocol for its half of every expert, so both engines
+# count copies of the shard's expert bytes (half of the full expert's).
+TP = ["hw.num_gpus=2", "hw.tensor_parallel=2", "+hw/link@hw.gpu_link=nvlink4"]
+TP_CASES = {
+    "lru": ["policy/prefetch=lru"],
+    "oracle": ["policy/prefetch=oracle"],
+    "fiddler": ["policy/prefetch=fiddler"] + EXTRA["fiddler"],
+    "lookahead+static": ["policy/prefetch=lookahead"] + SPEC["static"],
+}
+
+
+@pytest.mark.parametrize("case", list(TP_CASES))
+def test_both_engines_count_alike_under_tensor_parallelism(case):
+    sc = compose_scenario(TOY + MODELS["mini_qwen"] + TP + TP_CASES[case])
+    reqs = build_requests(sc.workload, sc.model, sc.seed)
+    sim_spy, real_spy = Spy.for_scenario(sc), Spy.for_scenario(sc)
+    sim = simulate(sc, reqs, policy=sim_spy.policy)
+    ex = RealExecutor(sc, reqs, policy=real_spy.policy, synchronous_copies=True)
+    real = ex.run()
+
+    shard_bytes = sc.model.tensor_shard(2).expert_bytes
+    assert sim.memory.expert_slot_bytes == shard_bytes == ex.store.expert_bytes == sc.model.expert_bytes / 2
+    assert sim.summary["tensor_parallel"] == real.summary["tensor_parallel"] == 2
+    assert sim.steps["late_prefetches"].sum() == 0 and real.steps["late_prefetches"].sum() == 0
+    check_invariants(sim, shard_bytes, sim_spy.activation_bytes(sim.steps["step"], sc.model), "sim")
+    check_invariants(real, shard_bytes, real_spy.activation_bytes(real.steps["step"], sc.model), "real")
+    check_sim_time(sim)
+    check_real_time(real, "static" in case)
+    a, b = sim.steps[COUNT_COLUMNS].reset_index(drop=True), real.steps[COUNT_COLUMNS].reset_index(drop=True)
+    pd.testing.assert_frame_equal(a, b, check_dtype=False)
+    for k in SUMMARY_KEYS:
+        assert sim.summary[k] == real.summary[k], k
+    assert sim_spy.host_tokens == real_spy.host_tokens
+    assert sim.steps["misses"].sum() > 0 and sim.summary["demand_bytes"] > 0
+    if case == "fiddler":
+        assert sim.summary["host_runs"] > 0
+    if case == "oracle":
+        assert sim_spy.step_begin_prefetches > 0
