@@ -35,6 +35,10 @@ the experts in routing order: they take part in every collective, so a pass ends
 rank is done, but their experts never wait on a copy. On CPU the ranks share one host's cores and
 memory bus anyway (on CUDA, rank ``r`` runs on ``cuda:r``; written, not run on a GPU here).
 
+The workers are started with ``multiprocessing``'s ``spawn`` (a fresh interpreter each, safe with
+threads and CUDA), so a script that runs a tensor-parallel scenario needs the usual
+``if __name__ == "__main__":`` guard around its entry point (``benchmarks/tensor_parallel.py``).
+
 Not supported with ``p > 1`` (one-line ``ConfigError``s in ``check_tensor_parallel``): free-running
 routing (each rank's router would decide on its own), weights from a checkpoint, and more ranks
 than the device type can give (CUDA: GPUs). The draft model of speculative decoding runs unsplit
