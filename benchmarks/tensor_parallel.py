@@ -11,8 +11,9 @@ simulator (roofline, ``hw=this_cpu``) on the same scenario, its GPU link the mea
 (``conf/hw/link/gloo_loopback.yaml``: ~290 us per ring phase, ~1.2 GB/s). Printed per run: median decode pass
 (ms), the medians of its attention, expert and other-compute parts (the attention all-reduce is
 inside attention, the FFN all-reduce inside other: ``combine``), the medians' ratio p=2 / p=1,
-and gloo all-reduces of one decode pass's hidden states and of 4 MiB timed alone (2 processes,
-median of 200: the figures ``gloo_loopback.yaml`` is fitted to).
+and gloo all-reduces timed alone (2 processes; one decode pass's hidden states, then 1 KiB to 16
+MiB, median of 200 runs, 20 from 4 MiB) with the fit of a 2-rank ring to them (latency per phase,
+bandwidth): what ``conf/hw/link/gloo_loopback.yaml`` holds for this machine.
 Wall-clock figures of a shared machine: compare only figures from one run.
 """
 
@@ -23,6 +24,7 @@ import statistics
 import tempfile
 import time
 
+import numpy as np
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
@@ -38,24 +40,33 @@ TP2 = ["hw.num_gpus=2", "hw.tensor_parallel=2", "+hw/link@hw.gpu_link=gloo_loopb
 PARTS = ["duration_s", "attention_s", "expert_compute_s", "other_compute_s"]
 
 
-def _allreduce_rank(rank: int, init_file: str, elems: int, out: str) -> None:
+#: float32 elements of the all-reduces timed alone: 1 KiB .. 16 MiB (conf/hw/link/gloo_loopback.yaml's fit)
+SIZES = (256, 2048, 65536, 1 << 20, 4 << 20)
+
+
+def _allreduce_rank(rank: int, init_file: str, sizes: tuple, out: str) -> None:
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=2)
-    x = torch.zeros(elems)
-    times = []
-    for _ in range(200):
-        t0 = time.perf_counter()
-        dist.all_reduce(x)
-        times.append(time.perf_counter() - t0)
+    torch.set_num_threads(1)
+    medians = []
+    for n in sizes:
+        x = torch.zeros(n)
+        times = []
+        for _ in range(200 if n < (1 << 20) else 20):
+            t0 = time.perf_counter()
+            dist.all_reduce(x)
+            times.append(time.perf_counter() - t0)
+        medians.append(statistics.median(times))
     if rank == 0:
         with open(out, "w") as f:
-            f.write(str(statistics.median(times)))
+            f.write(" ".join(map(repr, medians)))
     dist.destroy_process_group()
 
 
-def allreduce_s(elems: int) -> float:
+def allreduce_s(sizes: tuple) -> list[float]:
+    """Median seconds of a 2-process gloo all-reduce of each size (float32 elements)."""
     with tempfile.TemporaryDirectory() as d:
-        mp.spawn(_allreduce_rank, args=(f"{d}/init", elems, f"{d}/out"), nprocs=2)
-        return float(open(f"{d}/out").read())
+        mp.spawn(_allreduce_rank, args=(f"{d}/init", tuple(sizes), f"{d}/out"), nprocs=2)
+        return [float(v) for v in open(f"{d}/out").read().split()]
 
 
 def decode_medians(steps) -> dict[str, float]:
@@ -86,10 +97,14 @@ def main() -> None:
         print(f"{k:28s} {r1:9.3f} {r2:9.3f} {r2 / r1 if r1 else float('nan'):6.2f}   "
               f"{s1:9.4f} {s2:9.4f} {s2 / s1 if s1 else float('nan'):6.2f}")
     sc = compose_scenario(BASE + list(args.overrides))
-    elems = sc.workload.batch_size * sc.model.hidden_size
-    for n in (elems, 1 << 20):
-        print(f"gloo all-reduce of {n} float32 ({n * 4} bytes), 2 processes: {allreduce_s(n) * 1e6:.0f} us "
-              f"median of 200")
+    sizes = (sc.workload.batch_size * sc.model.hidden_size,) + SIZES
+    secs = allreduce_s(sizes)
+    print("gloo all-reduce alone, 2 processes (median of 200, 20 from 4 MiB): " + ", ".join(
+        f"{n * 4} B {t * 1e6:.0f} us" for n, t in zip(sizes, secs)))
+    # a 2-rank ring all-reduce of n bytes: 2 phases of (latency + n/2 / bandwidth) = 2 latency + n / bandwidth
+    slope, intercept = np.polyfit([4.0 * n for n in SIZES], secs[1:], 1)
+    print(f"fit (hw/link gpu_link for this machine): latency_s {intercept / 2:.3g} per phase, "
+          f"bandwidth_bps {1.0 / slope:.3g}")
 
 
 if __name__ == "__main__":

@@ -94,15 +94,15 @@ from __future__ import annotations
 import gc
 import time
 from contextlib import nullcontext
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Optional
 
 import numpy as np
 import torch
 
-from hw.cost import CostModel, Roofline
-from hw.parallel import TensorParallelCost, cost_for_system
+from hw.cost import CostModel
+from hw.parallel import cost_for_system
 from hw.system import HOST, System, gpu_node
 from sim.engine import RunResult, host_crossover_tokens, record_future
 from sim.loop import Idle, PassTimes, ServingLoop, Step, plan_run_memory
@@ -431,9 +431,7 @@ class RealExecutor:
             try:
                 self._cost = cost_for_system(hw, self.spec)
             except ConfigError:
-                roofline = Roofline(hw.gpu, hw.cpu)
-                tp = hw.tensor_parallel
-                self._cost = roofline if tp == 1 else TensorParallelCost(roofline, tp, System(hw))
+                self._cost = cost_for_system(replace(hw, cost_model="roofline"), self.spec)
         return self._cost
 
     def _runtime(self) -> OffloadRuntime:

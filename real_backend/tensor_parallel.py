@@ -39,9 +39,14 @@ The workers are started with ``multiprocessing``'s ``spawn`` (a fresh interprete
 threads and CUDA), so a script that runs a tensor-parallel scenario needs the usual
 ``if __name__ == "__main__":`` guard around its entry point (``benchmarks/tensor_parallel.py``).
 
-Not supported with ``p > 1`` (one-line ``ConfigError``s in ``check_tensor_parallel``): free-running
-routing (each rank's router would decide on its own), weights from a checkpoint, and more ranks
-than the device type can give (CUDA: GPUs). The draft model of speculative decoding runs unsplit
+Not supported with ``p > 1`` (one-line ``ConfigError``s in ``check_tensor_parallel`` and the
+executor): free-running routing (each rank's router would decide on its own), a model or weights
+handed in (every rank rebuilds its shard from the seed, so checkpoints are not run), more ranks
+than the device type can give (CUDA: GPUs; rank 0 on ``cuda:0``). A worker that fails before
+joining the group is reported by rank 0 (``RuntimeError``; the worker's traceback is on stderr);
+one that dies mid-pass ends rank 0's next collective with an error on gloo (NCCL may wait out
+``COLLECTIVE_TIMEOUT``). The announcement of a pass (two broadcasts, ~1 ms on gloo here) is
+outside the op timers, in the pass's overhead. The draft model of speculative decoding runs unsplit
 on rank 0, as vLLM's ``speculative_draft_tensor_parallel_size=1`` and the simulator.
 """
 
@@ -49,6 +54,7 @@ from __future__ import annotations
 
 import datetime
 import os
+import queue
 import tempfile
 import traceback
 from dataclasses import dataclass
@@ -67,26 +73,26 @@ from .model import ExpertWeights, MoEModel
 
 # Commands rank 0 broadcasts to the workers (first element of a fixed-size int64 header).
 _STOP, _NEW_CACHE, _FORWARD = 0, 1, 2
-_HEADER = 6
+_HEADER = 7
 #: How long a rank waits in one collective before giving up (a worker waits for rank 0's next pass
 #: through every idle gap of the serving loop, so this is long).
 COLLECTIVE_TIMEOUT = datetime.timedelta(minutes=30)
 
 
-def check_tensor_parallel(p: int, device: torch.device, free_running: bool, checkpoint: Any = None) -> None:
+def check_tensor_parallel(p: int, device: torch.device, free_running: bool) -> None:
     """One-line ``ConfigError`` unless the real executor can run ``p``-way tensor parallelism."""
     if p == 1:
         return
     if free_running:
         raise ConfigError(f"hw.tensor_parallel={p} cannot run free-running (each rank's router would route on its "
                           f"own); replay forced routing or use hw.tensor_parallel=1")
-    if checkpoint is not None:
-        raise ConfigError(f"hw.tensor_parallel={p} runs random weights only (every rank rebuilds its shard from "
-                          f"the seed); drop the checkpoint or use hw.tensor_parallel=1")
-    if device.type == "cuda" and torch.cuda.device_count() < p:
-        raise ConfigError(f"hw.tensor_parallel={p} needs {p} CUDA devices; this machine has "
-                          f"{torch.cuda.device_count()}")
-    if dist.is_available() is False:
+    if device.type == "cuda":
+        if device.index not in (None, 0):
+            raise ConfigError(f"hw.tensor_parallel={p} runs rank r on cuda:r, so rank 0 needs cuda:0, not {device}")
+        if torch.cuda.device_count() < p:
+            raise ConfigError(f"hw.tensor_parallel={p} needs {p} CUDA devices; this machine has "
+                              f"{torch.cuda.device_count()}")
+    if not dist.is_available():
         raise ConfigError(f"hw.tensor_parallel={p} needs torch.distributed, which this PyTorch build lacks")
     if dist.is_initialized():
         raise ConfigError(f"hw.tensor_parallel={p}: a torch.distributed process group already exists in this "
@@ -209,9 +215,18 @@ def _device(device_type: str, rank: int) -> torch.device:
 def _rank_model(scenario, rank: int, p: int, device: torch.device, dtype,
                 expert_device: Optional[torch.device] = None) -> MoEModel:
     """Rank ``rank``'s shard of the scenario's model (random weights from its seed), its slice of
-    every expert included (on ``expert_device``, default the host)."""
-    full = MoEModel(scenario.model, device, dtype, seed=scenario.seed, expert_device=expert_device or "cpu")
-    shard = shard_model(full, rank, p)
+    every expert included. The full experts are built on the host and cut there, one at a time, so
+    a rank never holds more than one full expert; the slices then move to ``expert_device``
+    (default: stay on the host)."""
+    full = MoEModel(scenario.model, device, dtype, seed=scenario.seed, expert_device="cpu", experts=False)
+    shard = shard_model(full, rank, p, experts={})
+    size = shard.spec.expert_intermediate_size
+    for layer in full.moe_layers:
+        for e in range(full.spec.num_experts):
+            w = _ffn_shard(full.random_expert(layer, e), rank, size)
+            if expert_device is not None and torch.device(expert_device) != w.gate_up.device:
+                w = ExpertWeights(w.gate_up.to(expert_device), w.down.to(expert_device))
+            shard.experts[(layer, e)] = w
     shard.tp = TPComm(shard.tp_plan, scenario.model.vocab_size)
     return shard
 
@@ -235,16 +250,21 @@ class TPGroup:
         init_dir = tempfile.TemporaryDirectory(prefix="moesim-tp-")
         init_file = os.path.join(init_dir.name, "rendezvous")
         ctx = mp.get_context("spawn")
-        procs = [ctx.Process(target=_worker, args=(r, p, init_file, scenario, device.type, dtype, threads),
-                             daemon=True, name=f"moesim-tp-rank{r}") for r in range(1, p)]
-        for proc in procs:
-            proc.start()
+        ready = ctx.Queue()
+        procs: list = []
         try:
-            _init(0, p, init_file, device.type)
+            for r in range(1, p):
+                proc = ctx.Process(target=_worker, args=(r, p, init_file, scenario, device.type, dtype, threads, ready),
+                                   daemon=True, name=f"moesim-tp-rank{r}")
+                proc.start()
+                procs.append(proc)
             model = _rank_model(scenario, 0, p, device, dtype)
+            _wait_ready(procs, ready)
+            _init(0, p, init_file, device.type)
         except BaseException:
-            for proc in procs:
-                proc.kill()
+            if dist.is_initialized():
+                dist.destroy_process_group()
+            _stop(procs, kill=True)
             init_dir.cleanup()
             raise
         return cls(p, procs, init_dir, model)
@@ -264,16 +284,23 @@ class TPGroup:
 
     def forward(self, tokens: Sequence, cache: ops.KVCache, slots: Sequence[int], *,
                 routing: Mapping[int, Any], all_logits: bool = False, **hooks):
-        """Announce the pass, then run rank 0's part of it (``MoEModel.forward``)."""
+        """Announce the pass, then run rank 0's part of it (``MoEModel.forward``). ``routing``: forced
+        expert ids ``[T, K]`` per MoE layer (no weights). The announcement (two broadcasts) is outside
+        the op timers: it is part of the pass's overhead, which the simulator does not model."""
         seqs = [torch.as_tensor(t, dtype=torch.long).reshape(-1).cpu() for t in tokens]
         layers = self.model.moe_layers
-        rows = (np.stack([np.asarray(routing[layer]) for layer in layers], axis=1).astype(np.int64)
-                if layers else np.zeros((0,), dtype=np.int64))
+        if any(isinstance(routing[layer], tuple) for layer in layers):
+            raise ValueError("tensor-parallel forced routing takes expert ids only, not (ids, weights)")
+        rows = np.stack([np.asarray(routing[layer]) for layer in layers], axis=1).astype(np.int64) if layers else None
         T = sum(int(s.numel()) for s in seqs)
+        top_k = rows.shape[2] if rows is not None else 0
         meta = torch.tensor([int(s.numel()) for s in seqs] + list(slots) + [cache.lengths[s] for s in slots],
                             dtype=torch.long)
-        payload = torch.cat([meta, torch.cat(seqs) if seqs else meta[:0], torch.from_numpy(rows.reshape(-1))])
-        self._send(_FORWARD, self._caches[id(cache)], len(seqs), T, int(all_logits), int(payload.numel()))
+        parts = [meta, torch.cat(seqs) if seqs else meta[:0]]
+        if rows is not None:
+            parts.append(torch.from_numpy(rows.reshape(-1)))
+        payload = torch.cat(parts)
+        self._send(_FORWARD, self._caches[id(cache)], len(seqs), T, int(all_logits), top_k, int(payload.numel()))
         dist.broadcast(payload.to(self._dev), 0)
         return self.model.forward(tokens, cache, slots, routing=routing, all_logits=all_logits, **hooks)
 
@@ -288,28 +315,51 @@ class TPGroup:
                         self._send(_STOP)
                 finally:
                     if failed:
-                        for proc in self._procs:
-                            proc.kill()
+                        _stop(self._procs, kill=True)
                     dist.destroy_process_group()
         finally:
-            for proc in self._procs:
-                proc.join(timeout=60)
-                if proc.is_alive():
-                    proc.kill()
-                    proc.join()
+            _stop(self._procs, kill=False)
             self._dir.cleanup()
 
 
-def _worker(rank: int, p: int, init_file: str, scenario, device_type: str, dtype, threads) -> None:
-    """Ranks 1..p-1: build the shard, then run every pass rank 0 announces until told to stop."""
+def _stop(procs: list, kill: bool) -> None:
+    """Kill (``kill``) or wait for (at most 60 s, then kill) the worker processes, and reap them."""
+    for proc in procs:
+        if kill and proc.is_alive():
+            proc.kill()
+        proc.join(timeout=None if kill else 60)
+        if proc.is_alive():
+            proc.kill()
+            proc.join()
+
+
+def _wait_ready(procs: list, ready, poll_s: float = 0.2) -> None:
+    """Wait until every worker has built its shard (each puts its rank on ``ready``); a worker that
+    exits first is an error here, instead of a rendezvous that would wait for it for good."""
+    waiting = {int(proc.name.rsplit("rank", 1)[1]): proc for proc in procs}
+    while waiting:
+        try:
+            waiting.pop(ready.get(timeout=poll_s), None)
+        except queue.Empty:
+            dead = [(r, proc.exitcode) for r, proc in waiting.items() if not proc.is_alive()]
+            if dead:
+                r, code = dead[0]
+                raise RuntimeError(f"tensor-parallel rank {r} exited with status {code} before joining the group "
+                                   f"(its traceback is on stderr)")
+
+
+def _worker(rank: int, p: int, init_file: str, scenario, device_type: str, dtype, threads, ready) -> None:
+    """Ranks 1..p-1: build the shard, say so, join the group, then run every pass rank 0 announces
+    until told to stop."""
     try:
         if threads:
             torch.set_num_threads(threads)
-        _init(rank, p, init_file, device_type)
         dev = _device(device_type, rank)
         if dev.type == "cuda":
             torch.cuda.set_device(dev)
         model = _rank_model(scenario, rank, p, dev, dtype, expert_device=dev)   # experts resident
+        ready.put(rank)
+        _init(rank, p, init_file, device_type)
         _follow(model, dev)
     except Exception:   # the traceback is the worker's only way to say what went wrong
         traceback.print_exc()
@@ -322,11 +372,11 @@ def _worker(rank: int, p: int, init_file: str, scenario, device_type: str, dtype
 @torch.inference_mode()
 def _follow(model: MoEModel, dev: torch.device) -> None:
     caches: dict[int, ops.KVCache] = {}
-    M, K = model.spec.num_moe_layers, model.spec.top_k
+    M = model.spec.num_moe_layers
     while True:
         head = torch.zeros(_HEADER, dtype=torch.long, device=dev)
         dist.broadcast(head, 0)
-        cmd, a, b, c, d, n = head.tolist()
+        cmd, a, b, c, d, top_k, n = head.tolist()
         if cmd == _STOP:
             return
         if cmd == _NEW_CACHE:
@@ -338,7 +388,7 @@ def _follow(model: MoEModel, dev: torch.device) -> None:
         flat = payload.cpu()
         new, slots, starts = (flat[i * B:(i + 1) * B].tolist() for i in range(3))
         tokens = list(flat[3 * B:3 * B + T].split(new))
-        rows = flat[3 * B + T:].view(T, M, K) if M else None
+        rows = flat[3 * B + T:].view(T, M, top_k) if M else None
         for s, start in zip(slots, starts):
             cache.lengths[s] = start
         routing = {layer: rows[:, m, :] for m, layer in enumerate(model.moe_layers)} if M else None

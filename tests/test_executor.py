@@ -14,6 +14,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -188,6 +189,20 @@ def test_validate_sweep_writes_accuracy(tiny_profile, tmp_path):
     assert {"policy/prefetch", "workload.batch_size", "sim_tpot_s", "real_tpot_s", "tpot_err_pct", "sim_rank",
             "real_rank", "ranking_agrees"} <= set(acc.columns)
     assert sorted(acc.groupby("group")["sim_rank"].apply(sorted).tolist()) == [[1, 2], [1, 2]]
+
+
+def test_validate_sweep_runs_the_real_repeats_round_robin(tiny_profile, tmp_path):
+    """Every cell is simulated first, then repeat 1 of every cell, then repeat 2: load on the machine
+    during one stretch moves one repeat of several cells, not all repeats of one."""
+    lines = []
+    fixed = [o for o in TINY if o != "hw.cost_model=roofline"] + ["workload.num_requests=2"]
+    acc = V.run_sweep(fixed, ["policy/prefetch=lru,lfu"], 2, tiny_profile, tmp_path / "rr", "cpu", lines.append)
+    order = [ln for ln in lines if ln.startswith(("simulated", "round"))]
+    assert [ln.startswith("simulated in") for ln in order[:2]] == [True, True]   # both cells, first
+    assert order[2:] == ["round 1/2, cell 1/2", "round 1/2, cell 2/2", "round 2/2, cell 1/2", "round 2/2, cell 2/2"]
+    for d in acc["dir"]:
+        assert len(pd.read_csv(Path(d) / "real_repeats.csv")) == 2
+        assert json.loads((Path(d) / "validation.json").read_text())["repeats"] == 2
 
 
 def test_validate_free_running_writes_the_chosen_routing_as_a_trace(tiny_profile, tmp_path):
