@@ -65,8 +65,8 @@ ms a copy); realtime needs CAP_SYS_NICE (``CopyEngine.sched`` says what the work
 Staging: a staging buffer is busy from the moment a copy into it is issued until the executor
 calls ``release(key)`` (after it issued that expert's compute) or ``end_layer()``. A staged load
 that finds both buffers busy waits (on the main thread, not in the copy queue) and is issued at
-demand priority when a buffer is released. The simulator does not model this wait (it books two
-staging buffers in memory but lets any number of staged copies run back to back).
+demand priority when a buffer is released. The simulator models the same wait
+(``sim.engine.SimCopies``).
 
 CUDA specifics (written, not run here: this machine has no GPU): host buffers are pinned; every
 slot and staging buffer carries a *fence*, an event recorded on the compute stream after the last

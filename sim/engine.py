@@ -15,7 +15,10 @@ The loop (``sim.loop.ServingLoop``) decides each pass and counts; the offload pr
   non-preemptive), each taking ``cost.copy_s`` (latency + bytes / bandwidth), overlapping compute.
   ``SimCopies`` carries the controller's copy orders onto it and tells the controller when each lands.
 * **Memory**: the expert cache has the slots the HBM budget allows (``sim.loop.plan_run_memory``);
-  an expert that must run but gets no slot is copied into a staging buffer and not cached.
+  an expert that must run but gets no slot is copied into a staging buffer and not cached. There
+  are ``STAGING_EXPERTS`` (2) of them, as in the executor: a buffer is held from its copy's
+  submission until its expert's compute is done, and a staging copy that finds both held waits,
+  outside the copy queue, until one is released (``SimCopies``).
 * **Host execution** (a policy answering ``on_miss -> "host"``, Fiddler): the expert's input
   activations go GPU->host on the device-to-host copy engine, the host CPU (one job at a time)
   runs the expert, and the outputs come back host->GPU on the copy engine at demand priority. The
@@ -45,6 +48,7 @@ its timeout (last-bit differences in a few stall sums).
 
 from __future__ import annotations
 
+import collections
 import dataclasses
 import heapq
 import logging
@@ -67,7 +71,7 @@ from workloads.validation import ConfigError
 from .cache_controller import CacheController, CopyOrder, LayerAccess
 from .future import RecordedFuture
 from .loop import REQUEST_COLUMNS, STEP_COLUMNS, Idle, PassTimes, ServingLoop, Step, layer_routing, plan_run_memory
-from .memory import ExpertCache, MemoryBudget
+from .memory import STAGING_EXPERTS, ExpertCache, MemoryBudget
 from .policies.base import PrefetchConfig, PrefetchPolicy, prefetch_policy_class
 from .policies.speculation import SpeculationPolicy, speculation_policy_class
 from .scenario import Scenario
@@ -189,27 +193,78 @@ def _span(name: str, cat: str, start_s: float, dur_s: float, track: str) -> dict
             "pid": 1, "tid": track}
 
 
+class _StagedCopy(simpy.Event):
+    """A staging copy waiting for a free staging buffer: fires when its copy, once submitted, is done."""
+
+    end_s: Optional[float] = None   # not fixed while it waits (the engine then waits on the event)
+
+
 class SimCopies:
     """The SimPy backend's ``CopySink``: copy orders become jobs on the host->GPU copy engine
     (tagged with the order); a copy into a slot tells the controller when it lands (staging
-    copies land nowhere)."""
+    copies land nowhere).
 
-    def __init__(self, h2d: PriorityServer):
+    Staging buffers (``STAGING_EXPERTS``, as the executor's ``OffloadRuntime``): a staging copy
+    holds one from its submission until the compute of its expert is done (``release_at``); a
+    staging copy ordered while all are held waits, outside the copy queue, and is submitted at
+    demand priority when one is released (FIFO), as the executor does."""
+
+    def __init__(self, h2d: PriorityServer, staging_buffers: int = STAGING_EXPERTS):
         self.h2d = h2d
         h2d.on_done, h2d.label = self._landed, _job_label
         self.controller: Optional[CacheController] = None
         self._jobs: dict = {}   # copies into slots, until landed; staging copies of the open layer
+        self._staging_free = staging_buffers
+        self._free_at: list[float] = []     # heap: when held buffers nobody waits for come free
+        self._staging_backlog: collections.deque = collections.deque()   # (order, _StagedCopy)
+        self._claims = 0                    # release events scheduled for backlog entries, not fired yet
 
     def copy(self, order: CopyOrder) -> None:
+        if order.kind == "staging":
+            now = self.h2d.env.now
+            while self._free_at and self._free_at[0] <= now:   # buffers released by now
+                heapq.heappop(self._free_at)
+                self._staging_free += 1
+            if not self._staging_free:
+                waiting = _StagedCopy(self.h2d.env)
+                self._staging_backlog.append((order, waiting))
+                self._jobs[order.key] = waiting
+                if self._free_at:   # a buffer whose release time is known already: it goes to this one
+                    self._schedule_release(heapq.heappop(self._free_at))
+                return
+            self._staging_free -= 1
         self._jobs[order.key] = self.h2d.submit(order.nbytes, order.priority, order)
+
+    def release_at(self, time_s: float) -> None:
+        """A staged expert's compute ends at ``time_s``: its staging buffer is free from then on. Only
+        a buffer a waiting copy will take costs an event (the copy is submitted then); otherwise the
+        time is kept and the buffer counted free when the next staging copy is ordered."""
+        if len(self._staging_backlog) <= self._claims:
+            heapq.heappush(self._free_at, time_s)
+        else:
+            self._schedule_release(time_s)
+
+    def _schedule_release(self, time_s: float) -> None:
+        self._claims += 1
+        ev = simpy.Event(self.h2d.env)
+        ev._ok, ev._value = True, None
+        ev.callbacks.append(self._release)
+        _schedule_at(self.h2d.env, ev, time_s)
+
+    def _release(self, _event) -> None:
+        self._claims -= 1
+        order, waiting = self._staging_backlog.popleft()   # the freed buffer passes straight to it
+        job = self.h2d.submit(order.nbytes, order.priority, order)
+        job.callbacks.append(lambda _job: waiting.succeed())
 
     def _landed(self, tag) -> None:
         if isinstance(tag, CopyOrder) and tag.kind != "staging":
             self._jobs.pop(tag.key, None)
             self.controller.landed(tag.key, tag.kind)
 
-    def job(self, key) -> _Job:
-        """``key``'s copy job (ordered in this layer or in flight since earlier)."""
+    def job(self, key) -> simpy.Event:
+        """``key``'s copy job (ordered in this layer or in flight since earlier; a staging copy still
+        waiting for a buffer: the event of its end)."""
         return self._jobs[key]
 
 
@@ -447,7 +502,7 @@ class Engine:
         env, layer = self.env, acc.layer
         ready = pc.shared_s
         waits, host_jobs, inline_host_s = [], [], 0.0
-        waiting, host = set(acc.waiting), set(acc.host)
+        waiting, host, staged = set(acc.waiting), set(acc.host), set(acc.staged)
         for e, n in acc.tokens.items():   # routing order: the sums add up as they always did
             if e in host:
                 h = self._host_expert_s(n)
@@ -460,13 +515,15 @@ class Engine:
             x = self._expert_time(n)
             t.expert_compute_s += x
             if e in waiting:
-                waits.append((self.copies.job((layer, e)), x))
+                waits.append((self.copies.job((layer, e)), x, e in staged))
             else:
                 ready += x
         acc_s = ready + self._issue_s(t, copies_ordered)
-        for ev, x in waits:
+        for ev, x, in_staging in waits:
             if ev.processed:
                 acc_s += x
+                if in_staging:   # its buffer is free once its compute is done
+                    self.copies.release_at(env.now + acc_s)
                 continue
             if acc_s > 0:
                 if ev.end_s is not None and ev.end_s >= env.now + acc_s:
@@ -483,6 +540,8 @@ class Engine:
                     yield env.timeout(self._copy_resume_s)
                 t.copy_stall_s += env.now - t0
             acc_s += x
+            if in_staging:
+                self.copies.release_at(env.now + acc_s)
         if host_jobs:  # the combine needs the host-run experts' outputs back
             if acc_s > 0:
                 yield env.timeout(acc_s)
