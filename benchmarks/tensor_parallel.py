@@ -86,7 +86,7 @@ def main() -> None:
         reqs = build_requests(sc.workload, sc.model, sc.seed)
         real = RealExecutor(sc, reqs).run()
         sim = simulate(sc, reqs)
-        rows[p] = (decode_medians(real.steps), decode_medians(sim.steps), real.summary["h2d_bytes"])
+        rows[p] = (decode_medians(real.steps), decode_medians(sim.steps))
         print(f"p={p}: model={sc.model.name}, batch {sc.workload.batch_size}, {len(real.steps)} passes, "
               f"h2d_bytes {real.summary['h2d_bytes']:.0f}")
     print(f"{'median decode pass (ms)':28s} {'real p=1':>9s} {'real p=2':>9s} {'ratio':>6s}   "

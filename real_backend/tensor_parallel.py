@@ -58,7 +58,7 @@ import queue
 import tempfile
 import traceback
 from dataclasses import dataclass
-from typing import Any, Mapping, Optional, Sequence
+from typing import Any, Iterable, Mapping, Optional, Sequence
 
 import numpy as np
 import torch
@@ -140,10 +140,12 @@ class ShardPlan:
                    rank * shard_spec.vocab_size, shard_spec.vocab_size)
 
 
-def shard_model(full: MoEModel, rank: int, p: int, experts: Optional[Mapping] = None) -> MoEModel:
+def shard_model(full: MoEModel, rank: int, p: int, experts: Optional[Iterable[tuple]] = None,
+                expert_device: Optional[torch.device] = None) -> MoEModel:
     """Rank ``rank``'s shard of ``full`` (weights cut from it; see the module docstring), with its
-    slice of every expert in ``experts`` (``(layer, e) -> ExpertWeights``; default ``full.experts``).
-    The shard's ``tp`` is None until ``attach`` gives it a group."""
+    slice of every expert in ``experts`` (``((layer, e), ExpertWeights)`` pairs, taken one at a
+    time; default ``full.experts.items()``), the slices moved to ``expert_device`` (default: where
+    they are). The shard's ``tp`` is None until the caller sets a ``TPComm``."""
     spec = full.spec.tensor_shard(p)
     shard = MoEModel(spec, full.device, full.dtype, seed=full.seed, init_std=0.0, experts=False,
                      expert_device=full.expert_device, rms_norm_eps=full.eps)
@@ -166,8 +168,11 @@ def shard_model(full: MoEModel, rank: int, p: int, experts: Optional[Mapping] = 
     shard.lm_head_w = (shard.embed_w if full.lm_head_w is full.embed_w
                        else _rows(full.lm_head_w, plan.vocab_start, plan.vocab_size))
     size = spec.expert_intermediate_size
-    for key, w in (full.experts if experts is None else experts).items():
-        shard.experts[key] = _ffn_shard(w, rank, size)
+    for key, w in (full.experts.items() if experts is None else experts):
+        w = _ffn_shard(w, rank, size)
+        if expert_device is not None and torch.device(expert_device) != w.gate_up.device:
+            w = ExpertWeights(w.gate_up.to(expert_device), w.down.to(expert_device))
+        shard.experts[key] = w
     shard.tp_plan = plan
     return shard
 
@@ -219,14 +224,9 @@ def _rank_model(scenario, rank: int, p: int, device: torch.device, dtype,
     a rank never holds more than one full expert; the slices then move to ``expert_device``
     (default: stay on the host)."""
     full = MoEModel(scenario.model, device, dtype, seed=scenario.seed, expert_device="cpu", experts=False)
-    shard = shard_model(full, rank, p, experts={})
-    size = shard.spec.expert_intermediate_size
-    for layer in full.moe_layers:
-        for e in range(full.spec.num_experts):
-            w = _ffn_shard(full.random_expert(layer, e), rank, size)
-            if expert_device is not None and torch.device(expert_device) != w.gate_up.device:
-                w = ExpertWeights(w.gate_up.to(expert_device), w.down.to(expert_device))
-            shard.experts[(layer, e)] = w
+    built = (((layer, e), full.random_expert(layer, e)) for layer in full.moe_layers
+             for e in range(full.spec.num_experts))
+    shard = shard_model(full, rank, p, experts=built, expert_device=expert_device)
     shard.tp = TPComm(shard.tp_plan, scenario.model.vocab_size)
     return shard
 
