@@ -4,6 +4,10 @@
     python benchmarks/startup.py --runs 9
 
 Each run is a fresh process writing into a temporary directory (wall seconds, median printed).
+Beside it, the floor that moesim's own dependencies set: a fresh interpreter that only imports
+what every run needs (Hydra, pandas, pyarrow's Parquet writer, networkx, numpy, SimPy), timed the
+same way; the difference is what moesim itself spends (its modules, two Hydra compositions, the
+routing calibration, the simulation and the writes).
 Then one more run under ``python -X importtime`` splits the imports: the packages that cost most
 (cumulative seconds, from what Python reports in microseconds). Figures depend on the machine and its load.
 """
@@ -29,6 +33,15 @@ def run_once(out_dir: str) -> float:
     return time.perf_counter() - t0
 
 
+FLOOR = "import hydra, omegaconf, numpy, pandas, pyarrow.parquet, networkx, simpy"
+
+
+def floor_once() -> float:
+    t0 = time.perf_counter()
+    subprocess.run([sys.executable, "-c", FLOOR], check=True, capture_output=True, text=True)
+    return time.perf_counter() - t0
+
+
 def import_costs() -> dict[str, float]:
     with tempfile.TemporaryDirectory() as d:
         out = subprocess.run([sys.executable, "-X", "importtime", "-m", "sim.cli", *TINY, f"hydra.run.dir={d}/run"],
@@ -45,10 +58,16 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--runs", type=int, default=5)
     args = ap.parse_args()
+    walls, floors = [], []
     with tempfile.TemporaryDirectory() as d:
-        walls = [run_once(f"{d}/run{i}") for i in range(args.runs)]
-    print(f"moesim, one tiny request: median {statistics.median(walls):.2f} s wall over {args.runs} runs "
+        for i in range(args.runs):   # interleaved, so that both see the same machine
+            walls.append(run_once(f"{d}/run{i}"))
+            floors.append(floor_once())
+    wall, floor = statistics.median(walls), statistics.median(floors)
+    print(f"moesim, one tiny request: median {wall:.2f} s wall over {args.runs} runs "
           f"(min {min(walls):.2f}, max {max(walls):.2f})")
+    print(f"floor (a fresh interpreter importing only the dependencies): median {floor:.2f} s; "
+          f"moesim's own share {wall - floor:.2f} s")
     costs = import_costs()
     print("imports (cumulative s, one run): " + ", ".join(f"{k} {v:.2f}" for k, v in
                                                          sorted(costs.items(), key=lambda kv: -kv[1])))

@@ -86,7 +86,7 @@ class StepCounters:
         return self.demand_bytes + self.prefetch_bytes + self.activation_bytes
 
     def __add__(self, other: "StepCounters") -> "StepCounters":
-        return StepCounters(**{f.name: getattr(self, f.name) + getattr(other, f.name) for f in fields(self)})
+        return StepCounters(*[getattr(self, name) + getattr(other, name) for name in _COUNTER_NAMES])
 
     def to_dict(self) -> dict:
         d = asdict(self)
@@ -94,28 +94,37 @@ class StepCounters:
         return d
 
 
+_COUNTER_NAMES = tuple(f.name for f in fields(StepCounters))
+
+
 class LayerAccess:
     """How ``begin_layer`` served one MoE layer's needed experts (expert ids, in routing order).
 
-    ``hits``: resident (weights ready); ``late``: being copied (a prefetch), the backend waits;
-    ``loads``: demand-loaded into a cache slot; ``staged``: demand-loaded into a staging buffer (not
-    cached); ``host``: the policy runs them on the host; ``waiting``: late + loads + staged, in
-    routing order; ``tokens``: every needed expert's token count, in routing order; ``plan``: the
-    policy's prefetch plan for this layer. (A slotted class: one is built per MoE layer per pass.)
+    ``ids``, ``counts``: every needed expert and its token count, in routing order (``tokens``: the
+    same as a dict); ``hits``: resident (weights ready); ``late``: being copied (a prefetch), the
+    backend waits; ``loads``: demand-loaded into a cache slot; ``staged``: demand-loaded into a
+    staging buffer (not cached); ``host``: the policy runs them on the host; ``waiting``: late +
+    loads + staged, in routing order; ``plan``: the policy's prefetch plan for this layer. (A
+    slotted class: one is built per MoE layer per pass.)
     """
 
-    __slots__ = ("layer", "hits", "late", "loads", "staged", "host", "waiting", "tokens", "plan")
+    __slots__ = ("layer", "ids", "counts", "hits", "late", "loads", "staged", "host", "waiting", "plan")
 
-    def __init__(self, layer: int, tokens: Optional[dict[int, int]] = None):
+    def __init__(self, layer: int, ids: Sequence[int] = (), counts: Sequence[int] = ()):
         self.layer = layer
+        self.ids, self.counts = ids, counts
         self.hits: list[int] = []
         self.late: list[int] = []
         self.loads: list[int] = []
         self.staged: list[int] = []
         self.host: list[int] = []
         self.waiting: list[int] = []
-        self.tokens: dict[int, int] = {} if tokens is None else tokens
         self.plan: Plan = ()
+
+    @property
+    def tokens(self) -> dict[int, int]:
+        """Each needed expert's token count, in routing order."""
+        return dict(zip(self.ids, self.counts))
 
     @property
     def on_device(self) -> list[int]:
@@ -179,39 +188,44 @@ class CacheController:
         cache.pinned = keys  # from here on, nothing this layer needs is evicted
         self.layer = layer
         plan = policy.on_routed(step, layer, ids, predicted, cache, counts)
-        acc = LayerAccess(layer, dict(zip(ids, counts)))
+        acc = LayerAccess(layer, ids, counts)
         resident, unused, hits = cache.resident, self._unused_prefetch, acc.hits
         for key, e, n in zip(keys, ids, counts):
             if key in resident:
                 hits.append(e)
-                if key in unused:
+                if unused and key in unused:
                     unused.discard(key)
                     c.useful_prefetches += 1
-                continue
-            c.misses += 1
-            if key in cache.in_flight:
-                c.late_prefetches += 1
-                acc.late.append(e)
-                acc.waiting.append(e)
-                if key in self._unused_prefetch or key in self._prefetch_in_flight:
-                    self._prefetch_in_flight.discard(key)
-                    c.useful_prefetches += 1
-            elif policy.on_miss(layer, e, n, cache) == "host":
-                c.host_runs += 1
-                acc.host.append(e)
             else:
-                staged = self.demand_load(key)
-                (acc.staged if staged else acc.loads).append(e)
-                acc.waiting.append(e)
+                self._serve_miss(acc, key, e, n)
         c.hits += len(hits)
         if plan:  # prefetches queue behind this layer's demand loads, ordered just above
             self.execute(plan)
             acc.plan = tuple(plan)
         return acc
 
+    def _serve_miss(self, acc: LayerAccess, key: ExpertKey, e: int, n: int) -> None:
+        """A needed expert that is not resident: late prefetch, host run or demand load."""
+        c = self.counters
+        c.misses += 1
+        if key in self.cache.in_flight:
+            c.late_prefetches += 1
+            acc.late.append(e)
+            acc.waiting.append(e)
+            if key in self._unused_prefetch or key in self._prefetch_in_flight:
+                self._prefetch_in_flight.discard(key)
+                c.useful_prefetches += 1
+        elif self.policy.on_miss(acc.layer, e, n, self.cache) == "host":
+            c.host_runs += 1
+            acc.host.append(e)
+        else:
+            staged = self.demand_load(key)
+            (acc.staged if staged else acc.loads).append(e)
+            acc.waiting.append(e)
+
     def end_layer(self) -> None:
         """The layer's experts have run (or been issued): unpin them."""
-        self.cache.pinned = ()
+        self.cache.unpin()
         self.layer = None
 
     def end_step(self, step: int) -> StepCounters:

@@ -38,7 +38,8 @@ The loop (``sim.loop.ServingLoop``) decides each pass and counts; the offload pr
 
 Events are spent only where something can happen: one per copy or host job (its end, fixed as
 soon as nothing can overtake it, ``PriorityServer``), a timeout up to a MoE layer's router only
-when some other event is due before it (otherwise the clock just moves on, ``_advance``), and a
+when some other event is due before it (otherwise the clock just moves on by the same sum SimPy
+would form, ``Engine._forward``), and a
 timeout before a copy wait only when the copy lands before the ready compute is done; everything
 else is summed analytically. Mixtral-8x7B at batch 1 with LRU spends ~14 events per decode step
 (82 before these rules), with the same schedule: clock values are the sums the one-event-per-wait
@@ -100,7 +101,8 @@ class PriorityServer:
     non-preemptive.
 
     One direction of a link's copy engine (``duration_s(nbytes)``: a transfer) or the host CPU
-    (``duration_s(tokens)``: an expert run). ``on_done(tag)`` runs when a job is done, before
+    (``duration_s(tokens)``: an expert run); ``duration_s`` must be a pure function of the size, as
+    it is asked once per distinct size. ``on_done(tag)`` runs when a job is done, before
     anything waiting on it resumes. ``launch_s(engine_idle)``: delay before a job starts
     (``Table``: the executor's copy-thread wake-up; ``engine_idle``: nothing was queued when the job
     came up).
@@ -128,6 +130,7 @@ class PriorityServer:
         self._fixed = 0                    # jobs with a fixed start that have not ended
         self._tail_s = 0.0                 # end of the last job with a fixed start
         self._seq = 0
+        self._durations: dict[float, float] = {}
         self._timeline = timeline
         self.busy_s = 0.0
 
@@ -139,7 +142,7 @@ class PriorityServer:
         job = _Job(self.env, nbytes, priority, self._seq, tag)
         self._seq += 1
         if self._fixed == 0:          # idle: it starts now
-            self._fix(job, self.env.now, True)
+            self._fix(job, self.env._now, True)
         elif priority == 0:           # behind the fixed jobs, before every queued one; nothing overtakes it
             self._fix(job, self._tail_s, False)
         else:
@@ -152,7 +155,10 @@ class PriorityServer:
             delay = self.launch_s(idle)
             if delay > 0:
                 start_s = start_s + delay
-        job.duration_s = duration = self.duration_s(job.nbytes)
+        duration = self._durations.get(job.nbytes)
+        if duration is None:   # a pure function of the job's size: asked once per size
+            duration = self._durations[job.nbytes] = self.duration_s(job.nbytes)
+        job.duration_s = duration
         job.end_s = end_s = start_s + duration
         self._tail_s = end_s
         self._fixed += 1
@@ -173,18 +179,13 @@ class PriorityServer:
             self._fix(heapq.heappop(self._queue), self.env.now, False)
 
 
-def _advance(env: simpy.Environment, delay_s: float) -> None:
-    """What yielding ``env.timeout(delay_s)`` does when no other event is due before it fires:
-    the clock moves on by ``delay_s`` (the same sum SimPy forms), with no event spent. The caller
-    checks ``env.peek() > env.now + delay_s``; nothing can be scheduled meanwhile, as no other code
-    runs."""
-    env._now = env._now + delay_s
+_INFINITY = float("inf")
 
 
 def _schedule_at(env: simpy.Environment, event: simpy.Event, time_s: float) -> None:
     """Schedule a triggered ``event`` at absolute time ``time_s`` (``env.schedule`` takes a delay,
-    and now + (time - now) need not round back to time). This and ``_advance`` use SimPy 4's
-    ``Environment`` internals (``_now``, ``_queue``, ``_eid``); pyproject caps simpy below 5."""
+    and now + (time - now) need not round back to time). This and ``Engine._forward``'s clock advance
+    use SimPy 4's ``Environment`` internals (``_now``, ``_queue``, ``_eid``); pyproject caps simpy below 5."""
     heapq.heappush(env._queue, (time_s, simpy.core.NORMAL, next(env._eid), event))
 
 
@@ -361,7 +362,8 @@ class Engine:
         self._copy_overhead_s = self.overheads.copy_overhead_s(self.model)
         self._copy_resume_s = self.overheads.copy_resume_s(h2d)
         self._host_is_device = bool(getattr(sc.hw, "host_is_device", False))
-        self._expert_s: dict[int, float] = {}
+        self._expert_s: dict[int, float] = {}     # tokens -> one expert's compute time
+        self._ops_s: dict[int, tuple] = {}        # tokens -> (router, shared experts, combine, dense FFN) times
         env.process(self._serve(loop))
         env.run()
         self.recorded_passes, self.recorded_compositions = loop.recorded_passes, loop.recorded_compositions
@@ -432,9 +434,12 @@ class Engine:
             if self.drafter is not None:
                 draft_s = self.drafter.prefill_s([r.req.prompt_len for r in batch])
         T = shape.tokens
-        return _PassCosts(lm_positions, draft_s, reject_s, cost.attention_block_s(model, shape),
-                          cost.router_s(model, T), cost.shared_experts_s(model, T), cost.combine_s(model, T),
-                          cost.dense_ffn_s(model, T) if model.dense_layers else 0.0)
+        by_tokens = self._ops_s.get(T)
+        if by_tokens is None:   # ops whose cost depends on the token count alone: asked once per count
+            by_tokens = self._ops_s[T] = (cost.router_s(model, T), cost.shared_experts_s(model, T),
+                                          cost.combine_s(model, T),
+                                          cost.dense_ffn_s(model, T) if model.dense_layers else 0.0)
+        return _PassCosts(lm_positions, draft_s, reject_s, cost.attention_block_s(model, shape), *by_tokens)
 
     def _forward(self, loop: ServingLoop, s: Step):
         """One pass on the GPU's compute stream: up to each MoE layer's router (a timeout only when
@@ -451,19 +456,24 @@ class Engine:
                    + self._copy_overhead_s * (ctl.copies_ordered - copies_before))
         t.other_compute_s += pending
         pending += pc.draft_s   # the drafter runs before the target's pass
-        moe_index = model.moe_layer_index
+        moe_index, queue = model.moe_layer_index, env._queue
+        attention_s, dense_s, router_s = pc.attention_s, pc.dense_s, pc.router_s
+        moe_other_s = pc.router_s + pc.shared_s + pc.combine_s
         for layer in range(model.num_layers):
-            if layer not in moe_index:
-                pending += pc.attention_s + pc.dense_s
-                t.attention_s += pc.attention_s
-                t.other_compute_s += pc.dense_s
+            m = moe_index.get(layer)
+            if m is None:
+                pending += attention_s + dense_s
+                t.attention_s += attention_s
+                t.other_compute_s += dense_s
                 continue
-            ids, counts = routing[moe_index[layer]]
-            pending += pc.attention_s + pc.router_s
-            t.attention_s += pc.attention_s
-            t.other_compute_s += pc.router_s + pc.shared_s + pc.combine_s
-            if env.peek() > env.now + pending:   # nothing else happens before the router: no event
-                _advance(env, pending)
+            ids, counts = routing[m]
+            pending += attention_s + router_s
+            t.attention_s += attention_s
+            t.other_compute_s += moe_other_s
+            if (queue[0][0] if queue else _INFINITY) > env._now + pending:   # nothing else happens first
+                # What yielding env.timeout(pending) does when no event is due before it fires: the
+                # clock moves on (the same sum SimPy forms) with no event spent; no other code runs.
+                env._now = env._now + pending
             else:
                 yield env.timeout(pending)  # the router has run: routing is known from here on
             copies_before = ctl.copies_ordered
@@ -489,11 +499,14 @@ class Engine:
 
     def _resident_experts(self, acc: LayerAccess, pc: _PassCosts, t: PassTimes, copies_ordered: int) -> float:
         """``_experts`` of a layer whose experts are all resident: no wait, only sums (routing order)."""
-        ready = pc.shared_s
-        for n in acc.tokens.values():
-            x = self._expert_time(n)
-            t.expert_compute_s += x
+        ready, expert_s, cached = pc.shared_s, t.expert_compute_s, self._expert_s
+        for n in acc.counts:
+            x = cached.get(n)
+            if x is None:
+                x = self._expert_time(n)
+            expert_s += x
             ready += x
+        t.expert_compute_s = expert_s
         return ready + self._issue_s(t, copies_ordered) + pc.combine_s
 
     def _experts(self, acc: LayerAccess, pc: _PassCosts, t: PassTimes, copies_ordered: int):
@@ -503,7 +516,7 @@ class Engine:
         ready = pc.shared_s
         waits, host_jobs, inline_host_s = [], [], 0.0
         waiting, host, staged = set(acc.waiting), set(acc.host), set(acc.staged)
-        for e, n in acc.tokens.items():   # routing order: the sums add up as they always did
+        for e, n in zip(acc.ids, acc.counts):   # routing order: the sums add up as they always did
             if e in host:
                 h = self._host_expert_s(n)
                 t.host_expert_s += h

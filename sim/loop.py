@@ -269,11 +269,13 @@ class ServingLoop:
         if self.policy.substitutes:
             ids, counts = self.policy.substitute(step.index, layer, ids, counts)
         step.active.append(len(ids))
-        acc = self.offload.begin_layer(step.index, layer, ids, counts, self.predicted_next(step, layer))
+        predicted = None if step.pred_rows is None else self.predicted_next(step, layer)
+        acc = self.offload.begin_layer(step.index, layer, ids, counts, predicted)
         if acc.host:
             per_token = self.model.hidden_size * self.model.act_bytes_per_elem
+            tokens = acc.tokens
             for e in acc.host:
-                self.offload.count_activation_bytes(acc.tokens[e] * per_token)
+                self.offload.count_activation_bytes(tokens[e] * per_token)
         return acc
 
     def end_layer(self) -> None:

@@ -31,6 +31,7 @@ from workloads.validation import ConfigError
 from .policies.base import ExpertKey
 
 STAGING_EXPERTS = 2
+_NOTHING_PINNED: frozenset = frozenset()
 
 
 @dataclass(frozen=True)
@@ -155,6 +156,11 @@ class ExpertCache:
         self._pinned = set(keys)
         self.generation += 1
 
+    def unpin(self) -> None:
+        """The running layer is done: nothing is pinned."""
+        self._pinned = _NOTHING_PINNED
+        self.generation += 1
+
     def _bucket(self, layer: int) -> int:
         return layer if self.per_layer else -1
 
@@ -170,12 +176,12 @@ class ExpertCache:
         return key in self.resident and key not in self._pinned
 
     def free_slots(self, layer: int) -> int:
-        b = self._bucket(layer)
+        b = layer if self.per_layer else -1
         return self.capacity[b] - self.used[b]
 
     # ---- engine-side mutations
     def reserve(self, key: ExpertKey) -> None:
-        b = self._bucket(key[0])
+        b = key[0] if self.per_layer else -1
         if self.used[b] >= self.capacity[b]:
             raise RuntimeError(f"no free slot for expert {key}")
         self.used[b] += 1
@@ -192,10 +198,10 @@ class ExpertCache:
         self.land(key)
 
     def evict(self, key: ExpertKey) -> None:
-        if not self.can_evict(*key):
+        if key not in self.resident or key in self._pinned:
             raise RuntimeError(f"policy chose {key} as victim, but it is not evictable")
         self.resident.remove(key)
-        self.used[self._bucket(key[0])] -= 1
+        self.used[key[0] if self.per_layer else -1] -= 1
 
     def initial_order(self, num_experts: int) -> list[ExpertKey]:
         """The experts an initial fill loads: lowest ids, layer by layer (round-robin over layers for

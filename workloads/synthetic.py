@@ -262,6 +262,13 @@ def _member(keys: np.ndarray, top_k: int) -> np.ndarray:
     return keys <= kth
 
 
+def _shared_picks(first: np.ndarray, keys1: np.ndarray, keys2: np.ndarray, in1: np.ndarray,
+                  top_k: int) -> np.ndarray:
+    """Per row: how many of token t-1's picks (``in1``) token t also picks, token t taking the
+    key of t-1 where ``first`` and its own elsewhere."""
+    return np.count_nonzero(in1 & _member(np.where(first, keys1, keys2), top_k), axis=1)
+
+
 class _ReusePairs:
     """Fixed-seed Monte Carlo of (token t-1, token t) at one layer: elements identical w.p. eta."""
 
@@ -269,20 +276,49 @@ class _ReusePairs:
         rng = np.random.default_rng(_CALIBRATION_SEED)
         n = max(4096, (1 << 19) // num_experts)
         self.top_k = top_k
-        self.inv_w = np.exp(-sigma * _profile(num_experts))
-        self.x1 = rng.standard_exponential((n, num_experts))
-        self.x2 = rng.standard_exponential((n, num_experts))
+        inv_w = np.exp(-sigma * _profile(num_experts))
+        x1 = rng.standard_exponential((n, num_experts))
+        x2 = rng.standard_exponential((n, num_experts))
         self.u = rng.random((n, num_experts))
-        self.in1 = _member(self.x1 * self.inv_w, top_k)
+        self.keys1, self.keys2 = x1 * inv_w, x2 * inv_w
+        self.in1 = _member(self.keys1, top_k)
         self.n = n
 
     def reuse(self, eta: float) -> float:
-        x = np.where(self.u < eta, self.x1, self.x2)
-        both = self.in1 & _member(x * self.inv_w, self.top_k)
-        return float(np.count_nonzero(both)) / (self.n * self.top_k)
+        return float(_shared_picks(self.u < eta, self.keys1, self.keys2, self.in1, self.top_k).sum()) \
+            / (self.n * self.top_k)
+
+    def solve(self, target: float, steps: int) -> float:
+        """Bisect eta in [0, 1] for ``reuse(eta) == target`` (``steps`` halvings).
+
+        A row whose uniforms all lie outside [lo, hi) draws the same keys at every eta in between,
+        so each step re-evaluates only the rows with a uniform inside the interval and keeps the
+        others' counts at ``lo``: the same counts, hence the same eta, as evaluating every row.
+        """
+        lo, hi = 0.0, 1.0
+        u, keys1, keys2, in1 = self.u, self.keys1, self.keys2, self.in1
+        shared_lo = _shared_picks(u < lo, keys1, keys2, in1, self.top_k)
+        total_lo = int(shared_lo.sum())
+        for _ in range(steps):
+            mid = 0.5 * (lo + hi)
+            keep = ((u >= lo) & (u < hi)).any(axis=1)
+            u, keys1, keys2, in1, shared_lo = u[keep], keys1[keep], keys2[keep], in1[keep], shared_lo[keep]
+            shared_mid = _shared_picks(u < mid, keys1, keys2, in1, self.top_k)
+            total_mid = total_lo + int(shared_mid.sum()) - int(shared_lo.sum())
+            if float(total_mid) / (self.n * self.top_k) < target:
+                lo, total_lo, shared_lo = mid, total_mid, shared_mid
+            else:
+                hi = mid
+        return 0.5 * (lo + hi)
 
     def stderr(self, q: float) -> float:
         return math.sqrt(max(q * (1.0 - q), 1e-6) / (self.n * self.top_k))
+
+
+@functools.lru_cache(maxsize=2)
+def _reuse_pairs(num_experts: int, top_k: int, sigma: float) -> _ReusePairs:
+    """One Monte Carlo per model shape, shared by the chance level and the bisection."""
+    return _ReusePairs(num_experts, top_k, sigma)
 
 
 @functools.lru_cache(maxsize=256)
@@ -290,7 +326,7 @@ def _chance_reuse(num_experts: int, top_k: int, sigma: float) -> tuple[float, fl
     """(reuse with independent tokens, Monte Carlo standard error); exact K/E when sigma == 0."""
     if sigma == 0.0:
         return top_k / num_experts, 0.0
-    pairs = _ReusePairs(num_experts, top_k, sigma)
+    pairs = _reuse_pairs(num_experts, top_k, sigma)
     chance = pairs.reuse(0.0)
     return chance, pairs.stderr(chance)
 
@@ -303,15 +339,7 @@ def keep_probability(num_experts: int, top_k: int, sigma: float, reuse: float) -
         return 0.0
     if reuse >= 1.0:
         return 1.0
-    pairs = _ReusePairs(num_experts, top_k, sigma)
-    lo, hi = 0.0, 1.0
-    for _ in range(18):  # eta to ~4e-6
-        mid = 0.5 * (lo + hi)
-        if pairs.reuse(mid) < reuse:
-            lo = mid
-        else:
-            hi = mid
-    return 0.5 * (lo + hi)
+    return _reuse_pairs(num_experts, top_k, sigma).solve(reuse, steps=18)  # eta to ~4e-6
 
 
 def resolve_routing(model: ModelSpec, cfg: RoutingConfig) -> RoutingPlan:

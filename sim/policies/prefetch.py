@@ -83,16 +83,17 @@ class LRU(PrefetchPolicy):
         self._touch(layer, experts)
 
     def _touch(self, layer: int, experts: Sequence[int]) -> None:
-        pool = self._pool(layer)
+        pool = self._recency.get(layer if self._per_layer else -1) or self._pool(layer)
         for e in experts:
             key = (layer, e)
             if key in pool:
                 pool.move_to_end(key)
 
     def on_copy_done(self, layer: int, expert: int, cache: CacheView) -> None:
-        pool = self._pool(layer)
-        pool[(layer, expert)] = None
-        pool.move_to_end((layer, expert))
+        pool = self._recency.get(layer if self._per_layer else -1) or self._pool(layer)
+        key = (layer, expert)
+        pool[key] = None
+        pool.move_to_end(key)
 
     def victim(self, layer: int, incoming: int, cache: CacheView) -> Optional[ExpertKey]:
         bucket = layer if self._per_layer else -1
