@@ -195,6 +195,9 @@ class _TensorParallelOverheads:
     def copy_resume_s(self, link: LinkSpec) -> float:
         return self.inner.copy_resume_s(link)
 
+    def copy_contention(self, model: ModelSpec, tokens: int, link: LinkSpec) -> float:
+        return self.inner.copy_contention(self.tp.shard(model), tokens, link)
+
     def draft_pass_overhead_s(self, draft: ModelSpec) -> float:
         return self.inner.draft_pass_overhead_s(self.tp.full(draft))
 

@@ -52,7 +52,12 @@ pollute), ``copy_overhead_s``; without the row, 0. ``copy_launch`` (device-level
 while idle (a sleeping thread's wake-up) or to start the next queued one; ``copy_launch_s`` adds
 it to every copy on the profiled host link (without the rows, 0). ``copy_resume`` (device-level):
 from a copy's end to the executor's thread running again when it was blocked waiting for it
-(``copy_resume_s``, counted as copy stall; without the row, 0).
+(``copy_resume_s``, counted as copy stall; without the row, 0). ``expert`` rows of phase
+``copying`` (expert passes while the executor's copy engine copies back to back at the
+calibration link rate): ``copy_contention`` is their time over the expert curve's, per token
+count (floored at 1, interpolated, held beyond the measured counts); the SimPy backend stretches
+an expert by it for the part that runs while the copy engine is busy. Without the rows (profiles
+from before 2026-12-04), 1.
 
 Speculative decoding: ``rejection_sampling`` rows (vs verified positions, ``tokens``) give
 ``rejection_sampling_s``; a dense model (``num_experts: 0``, a drafter such as ``mini_draft``) has
@@ -206,6 +211,21 @@ class _ModelTables:
     host_run_overhead_s: float = 0.0
     draft_pass_overhead_s: float = 0.0
     attention_floor_s: float = 0.0      # the cheapest measured attention (module docstring)
+    copy_contention: Optional[Curve] = None   # expert time while copying / alone, vs tokens
+
+
+COPYING_PHASE = "copying"   # real_backend/profile.py: expert passes while the copy engine copies
+
+
+def _contention_curve(rows: pd.DataFrame, expert: Optional[Curve]) -> Optional[Curve]:
+    """Expert time while the executor's copy engine copies over expert time alone, at each token
+    count of the ``copying`` rows (floored at 1: a copy never speeds an expert up); None without them."""
+    r = rows[(rows["op"] == "expert") & (rows["phase"] == COPYING_PHASE)]
+    if expert is None or r.empty:
+        return None
+    tokens = r["tokens"].astype(float).tolist()
+    ratios = [max(1.0, float(m) / expert(n)) for n, m in zip(tokens, r["median_s"].astype(float))]
+    return Curve(tokens, ratios)
 
 
 class Table:
@@ -303,7 +323,8 @@ class Table:
         if not math.isfinite(draft_pass):
             draft_pass = 0.0
         t = self._models[model.name] = _ModelTables(curves, grids["decode"], grids["prefill"], copy_overhead,
-                                                    host_run_overhead, draft_pass, attention_floor)
+                                                    host_run_overhead, draft_pass, attention_floor,
+                                                    _contention_curve(rows, curves.get("expert")))
         return t
 
     # ------------------------------------------------------------------ CostModel
@@ -413,6 +434,16 @@ class TableOverheads:
         if t.host_link is None or link != t.host_link:
             return 0.0
         return t._resume
+
+    def copy_contention(self, model: ModelSpec, tokens: int, link: LinkSpec) -> float:
+        """How much slower an expert of ``tokens`` runs while the copy engine of ``link`` copies: the
+        ``copying`` rows' ratio, interpolated in tokens and held at the end points; 1 on any link
+        but the profiled host link, or without the rows."""
+        t = self.table
+        curve = t._tables(model).copy_contention
+        if curve is None or t.host_link is None or link != t.host_link:
+            return 1.0
+        return curve(min(float(tokens), curve.xs[-1]))
 
 
 @COST_MODELS.register("table")

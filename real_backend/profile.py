@@ -27,10 +27,14 @@ on the cached values):
 * ``rejection_sampling`` vs ``tokens`` = verified positions (``ops.rejection_sampling`` on the
   ``[tokens, vocab]`` logits of a verify-like pass of the model, timed right after that pass as the
   executor runs it; speculative decoding's ``Table.rejection_sampling_s``), for every model;
-* ``op=expert, phase=contended``: expert passes while a copy thread moves expert-sized blocks
-  back to back; ``phase=after_copy`` (CPU): each expert runs from a slot its weights were copied
-  into just before (the copy leaves them in the CPU caches: what a demand-loaded expert sees in
-  the executor). The table does not use these two; they quantify contention and cache effects;
+* ``op=expert, phase=copying``: expert passes while expert-sized blocks are copied back to back
+  as the executor copies them (CPU: its ``CopyEngine`` worker thread with the link shaper at
+  ``CALIBRATION_LINK_BPS``, the rate ``moesim-validate`` runs at; CUDA: a side stream). On this
+  two-core machine the copy worker's chunks, sleeps and GIL hand-offs slow the compute thread's
+  experts; ``Table.overheads.copy_contention`` charges the ratio to experts that run while the
+  copy engine is busy. ``phase=after_copy`` (CPU): each expert runs from a slot its weights were
+  copied into just before (the copy leaves them in the CPU caches: what a demand-loaded expert
+  sees in the executor); the table does not use it;
 * ``host_expert`` (CUDA runs only): the expert on the host CPU, timed alone after evicting the
   host's caches (Fiddler-style host execution).
 
@@ -150,6 +154,7 @@ DEFAULT_MODELS = ("mini_mixtral", "mini_qwen", "mini_draft")   # mini_draft: the
 MB = 1 << 20
 DRAFT_OUTPUT_LEN = 12         # draft_pass_overhead runs: generated tokens per request ...
 DRAFT_K, DRAFT_ALPHA = 3, 0.6  # ... static K and acceptance
+COPYING_PHASE = "copying"     # expert passes while the executor's copy engine copies (hw.table reads it)
 
 
 @dataclass(frozen=True)
@@ -346,6 +351,39 @@ class _Background:
             raise self.error
 
 
+class _ShapedCopies:
+    """The executor's CPU copy engine (``real_backend.offload.CopyEngine``, capped at
+    ``bandwidth_bps``) kept busy with copies of ``src[i]`` into ``dst[i]`` while the ``with`` block
+    runs: a feeder thread keeps two jobs queued and waits on the oldest."""
+
+    def __init__(self, src: list[torch.Tensor], dst: list[torch.Tensor], bandwidth_bps: float):
+        from .offload import CopyEngine, CopyJob
+
+        self._job = lambda i: CopyJob(("profile", i), "demand", 0, int(src[i].numel()), src[i], dst[i])
+        self.engine = CopyEngine("cpu", bandwidth_bps, name="profile copy")
+        self.count = len(src)
+        self._feeder = _Background(self._feed, "profile-copy-feeder")
+        self._queued: list = []
+        self._next = 0
+
+    def _feed(self) -> None:
+        while len(self._queued) < 2:
+            self._queued.append(self.engine.submit(self._job(self._next)))
+            self._next = (self._next + 1) % self.count
+        self._queued.pop(0).done.wait()
+        self.engine.take_completed()
+
+    def __enter__(self) -> "_ShapedCopies":
+        self._feeder.__enter__()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        try:
+            self._feeder.__exit__(*exc)
+        finally:
+            self.engine.close()
+
+
 # --------------------------------------------------------------------------- specs
 
 
@@ -485,9 +523,9 @@ class _Profiler:
                 run("expert", cache, [0], 0, n, concentrated, experts_only)
             nbytes = model.expert_nbytes
             src, dst = self._buffers(nbytes)
-            with _Background(self._copier(src, dst), "profile-copy"):
+            with self._copies_running(src, dst):
                 for n in sw.extra_expert_tokens:
-                    run("expert", cache, [0], 0, n, concentrated, experts_only, expert_phase="contended")
+                    run("expert", cache, [0], 0, n, concentrated, experts_only, expert_phase=COPYING_PHASE)
             del src, dst
             if self.device.type == "cpu":
                 slot = ExpertWeights(*(torch.empty_like(t) for t in model.experts[next(iter(model.experts))].tensors))
@@ -767,6 +805,14 @@ class _Profiler:
             stream.synchronize()
 
         return copy
+
+    def _copies_running(self, src: list[torch.Tensor], dst: list[torch.Tensor]) -> contextlib.AbstractContextManager:
+        """Copies of ``src`` into ``dst`` back to back while the ``with`` block runs, as the executor
+        makes them: on CPU through its own ``CopyEngine`` (the worker thread, its link shaper at
+        ``CALIBRATION_LINK_BPS``, two jobs queued so the worker never waits); on CUDA on a side stream."""
+        if self.device.type == "cuda":
+            return _Background(self._copier(src, dst), "profile-copy")
+        return _ShapedCopies(src, dst, CALIBRATION_LINK_BPS)
 
     def copies(self, sizes: Sequence[int], pool: Optional[list[ExpertWeights]]) -> None:
         """The copy curve alone (``idle``) and while expert FFNs run in another thread (``contended``)."""

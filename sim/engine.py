@@ -31,7 +31,10 @@ The loop (``sim.loop.ServingLoop``) decides each pass and counts; the offload pr
   executor's per-copy host work, measured by ``moesim-profile``; 0 for the roofline) to the
   compute stream before it waits, booked as ``other_compute_s``. The copy engine starts each copy
   ``overheads.copy_launch_s`` after its turn, and a stream blocked on a copy resumes
-  ``overheads.copy_resume_s`` after it lands (counted as stall); 0 for the roofline.
+  ``overheads.copy_resume_s`` after it lands (counted as stall); 0 for the roofline. The part of
+  an expert that runs while the copy engine has copies running or queued takes
+  ``overheads.copy_contention`` times longer (the executor's copy thread slowing its compute
+  thread, measured by ``moesim-profile``; 1 for the roofline), booked as expert compute.
 * **Speculative decoding** (``policy/speculation``, ``sim/speculation.py``): a decode pass becomes
   a round: the drafter's passes, one verify pass of ``k_r + 1`` positions per request (its MoE
   layers fetch each missing expert once for the whole round), rejection sampling; the loop commits.
@@ -148,6 +151,18 @@ class PriorityServer:
         else:
             heapq.heappush(self._queue, job)
         return job
+
+    def busy_until_s(self) -> float:
+        """When the jobs running and queued now will all be done (now if idle; queued jobs run back
+        to back after the fixed ones, each after its launch delay)."""
+        if self._fixed == 0:
+            return self.env._now
+        end_s = self._tail_s
+        for job in self._queue:
+            duration = self._durations.get(job.nbytes)
+            end_s += (self.launch_s(False) if self.launch_s is not None else 0.0) + \
+                (duration if duration is not None else self.duration_s(job.nbytes))
+        return end_s
 
     def _fix(self, job: _Job, after_s: float, idle: bool) -> None:
         start_s = after_s
@@ -363,6 +378,9 @@ class Engine:
         self._copy_resume_s = self.overheads.copy_resume_s(h2d)
         self._host_is_device = bool(getattr(sc.hw, "host_is_device", False))
         self._expert_s: dict[int, float] = {}     # tokens -> one expert's compute time
+        self._contention: dict[int, float] = {}   # tokens -> overheads.copy_contention
+        self._contends = self.overheads is not NO_OVERHEADS   # a measured table may slow experts beside copies
+        self._h2d = h2d
         self._ops_s: dict[int, tuple] = {}        # tokens -> (router, shared experts, combine, dense FFN) times
         env.process(self._serve(loop))
         env.run()
@@ -500,20 +518,45 @@ class Engine:
     def _resident_experts(self, acc: LayerAccess, pc: _PassCosts, t: PassTimes, copies_ordered: int) -> float:
         """``_experts`` of a layer whose experts are all resident: no wait, only sums (routing order)."""
         ready, expert_s, cached = pc.shared_s, t.expert_compute_s, self._expert_s
+        contended = self._contends and self.copier.busy_until_s() > self.env._now
         for n in acc.counts:
             x = cached.get(n)
             if x is None:
                 x = self._expert_time(n)
+            if contended:
+                x = self._contended_s(self.env._now + ready, x, n)
             expert_s += x
             ready += x
         t.expert_compute_s = expert_s
         return ready + self._issue_s(t, copies_ordered) + pc.combine_s
+
+    def _run_contended_s(self, start_s: float, x: float, tokens: int, t: PassTimes) -> float:
+        """``_contended_s`` for an expert whose uncontended ``x`` is booked already: books the extra."""
+        stretched = self._contended_s(start_s, x, tokens)
+        if stretched != x:
+            t.expert_compute_s += stretched - x
+        return stretched
+
+    def _contended_s(self, start_s: float, x: float, tokens: int) -> float:
+        """An expert of ``tokens`` with ``x`` seconds of work, starting at ``start_s``: the part that
+        runs before the copy engine's queued and running copies are done takes
+        ``overheads.copy_contention`` times longer (the executor's copy thread slowing its compute
+        thread); the rest runs at full speed."""
+        factor = self._contention.get(tokens)
+        if factor is None:
+            factor = self._contention[tokens] = self.overheads.copy_contention(self.model, tokens, self._h2d)
+        busy_s = self.copier.busy_until_s() - start_s
+        if factor == 1.0 or busy_s <= 0.0:
+            return x
+        slow_work_s = busy_s / factor   # the work that fits before the copies are done
+        return x * factor if x <= slow_work_s else busy_s + (x - slow_work_s)
 
     def _experts(self, acc: LayerAccess, pc: _PassCosts, t: PassTimes, copies_ordered: int):
         """A MoE layer's experts after its router: resident (and shared) experts first, then each
         copied one once it landed, host-run ones beside; returns the compute left pending (the combine)."""
         env, layer = self.env, acc.layer
         ready = pc.shared_s
+        contends = self._contends
         waits, host_jobs, inline_host_s = [], [], 0.0
         waiting, host, staged = set(acc.waiting), set(acc.host), set(acc.staged)
         for e, n in zip(acc.ids, acc.counts):   # routing order: the sums add up as they always did
@@ -526,14 +569,19 @@ class Engine:
                     host_jobs.append(env.process(self._run_on_host(layer, e, n)))
                 continue
             x = self._expert_time(n)
+            if e in waiting:   # its contention, if any, is booked when it runs
+                t.expert_compute_s += x
+                waits.append((self.copies.job((layer, e)), x, e in staged, n))
+                continue
+            if contends:
+                x = self._contended_s(env._now + ready, x, n)
             t.expert_compute_s += x
-            if e in waiting:
-                waits.append((self.copies.job((layer, e)), x, e in staged))
-            else:
-                ready += x
+            ready += x
         acc_s = ready + self._issue_s(t, copies_ordered)
-        for ev, x, in_staging in waits:
+        for ev, x, in_staging, n in waits:
             if ev.processed:
+                if contends:
+                    x = self._run_contended_s(env._now + acc_s, x, n, t)
                 acc_s += x
                 if in_staging:   # its buffer is free once its compute is done
                     self.copies.release_at(env.now + acc_s)
@@ -552,6 +600,8 @@ class Engine:
                 if self._copy_resume_s > 0:   # the stream notices the copy landed this much later
                     yield env.timeout(self._copy_resume_s)
                 t.copy_stall_s += env.now - t0
+            if contends:
+                x = self._run_contended_s(env._now + acc_s, x, n, t)
             acc_s += x
             if in_staging:
                 self.copies.release_at(env.now + acc_s)

@@ -265,3 +265,46 @@ def test_a_staging_copy_waits_for_one_of_the_two_staging_buffers():
         assert st.hits == 4 * L and st.demand_loads == 4 * L and st.prefetches == 0
         assert st.copy_stall_s == pytest.approx(L * 1e-3, rel=1e-9)
         assert st.expert_compute_s == pytest.approx(L * 8e-3, rel=1e-9)
+
+
+def test_experts_beside_a_copy_run_slower_by_the_copy_contention_factor():
+    """``overheads.copy_contention`` (the executor's copy thread slowing its compute thread, measured
+    by ``moesim-profile``): the part of an expert that runs while the copy engine is busy takes f
+    times longer. The lone miss of layer 0 with every expert X = 1 ms and the copy C = 10 ms, from
+    the router's end (t = 0), f = 2: the 7 resident experts do 5 ms of work by t = 10 (at half speed),
+    the last 2 ms at full speed, done at 12; the copy landed at 10, so no stall; the copied expert
+    runs alone, [12, 13]. Without contention: residents [0, 7], stall [7, 10], copied expert [10, 11].
+    So the step is 2 ms longer, its stall 3 ms shorter and its expert time 5 ms longer."""
+    from hw.cost import Roofline
+    from hw.overheads import NoOverheads
+
+    class Contention(NoOverheads):
+        def __init__(self, factor):
+            self.factor = factor
+
+        def copy_contention(self, model, tokens, link):
+            return self.factor
+
+    class Fixed(Roofline):
+        def __init__(self, sc, factor):
+            super().__init__(sc.hw.gpu, sc.hw.cpu)
+            self.overheads = Contention(factor)
+
+        def expert_s(self, model, tokens):
+            return 1e-3
+
+        def copy_s(self, nbytes, link):
+            return 10e-3
+
+    rows = np.tile(np.arange(K), (3, L, 1))
+    rows[2, 0, 7] = 63                                # the lone miss (capacity 63: 0..62 resident)
+    sc = olmoe("policy.prefetch.capacity_per_layer=63")
+    plain, slowed = (Engine(sc, [request(0, rows, prompt_len=1)], cost=Fixed(sc, f)).run().steps
+                     for f in (1.0, 2.0))
+    for st in (plain, slowed):   # steps 0 and 1 copy nothing: contention changes nothing there
+        assert st.iloc[2].demand_loads == 1 and st.iloc[:2].demand_loads.sum() == 0
+    assert slowed.iloc[:2].duration_s.tolist() == plain.iloc[:2].duration_s.tolist()
+    a, b = plain.iloc[2], slowed.iloc[2]
+    assert a.copy_stall_s == pytest.approx(3e-3, rel=1e-9) and b.copy_stall_s == 0.0
+    assert b.duration_s - a.duration_s == pytest.approx(2e-3, rel=1e-6)
+    assert b.expert_compute_s - a.expert_compute_s == pytest.approx(5e-3, rel=1e-6)

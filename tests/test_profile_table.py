@@ -192,6 +192,13 @@ def test_curve_and_grid_rules():
         assert g(B, C) == pytest.approx(f(B, C))
 
 
+def _row(model, op, median_s, phase="", tokens=None, batch=None, context=None):
+    """One hand-made profile row: a CPU float32 op measured three times at exactly ``median_s``."""
+    return {"device": "cpu", "model": model, "op": op, "phase": phase, "tokens": tokens, "batch": batch,
+            "context": context, "bytes": None, "median_s": median_s, "p10_s": median_s, "p90_s": median_s,
+            "repeats": 3, "threads": 1, "dtype": "float32"}
+
+
 def test_attention_block_never_costs_nothing(specs):
     """layer_overhead is a residual (an executor pass minus what the op tables say its ops take);
     profiled on a busy machine it can be more negative than the attention it is added to. The
@@ -200,9 +207,7 @@ def test_attention_block_never_costs_nothing(specs):
     rows = []
 
     def add(op, median, phase="", tokens=None, batch=None, context=None):
-        rows.append({"device": "cpu", "model": spec.name, "op": op, "phase": phase, "tokens": tokens, "batch": batch,
-                     "context": context, "bytes": None, "median_s": median, "p10_s": median, "p90_s": median,
-                     "repeats": 3, "threads": 1, "dtype": "float32"})
+        rows.append(_row(spec.name, op, median, phase, tokens, batch, context))
 
     for op in ("expert", "router", "combine", "embed", "lm_head"):
         add(op, 1e-4, tokens=1, batch=1)
@@ -227,6 +232,43 @@ def test_attention_block_never_costs_nothing(specs):
     plain = Table("(hand-made)", loaded=({"device": "cpu", "models": {spec.name: model_signature(spec)}},
                                          frame[frame["op"] != "layer_overhead"]))
     assert plain.attention_block_s(spec, BatchShape(8, 8, 8 * 1024, 8 * 1024)) == pytest.approx(1e-4 * 8 * 9)
+
+
+def test_copy_contention_is_the_copying_rows_over_the_expert_curve(specs):
+    """``copy_contention``: expert time while the executor's copy engine copies (``phase=copying``)
+    over the expert curve at the same tokens, interpolated between the measured counts, held beyond
+    them, floored at 1, and 1 on any link but the profiled host link or without the rows."""
+    from hw.devices import LinkSpec
+
+    spec = specs["mini_mixtral"]
+    rows = []
+
+    def add(op, median, phase="", tokens=None, batch=None, context=None):
+        rows.append(_row(spec.name, op, median, phase, tokens, batch, context))
+
+    for op in ("router", "combine", "embed", "lm_head"):
+        add(op, 1e-4, tokens=1, batch=1)
+    for n, t in ((1, 1e-3), (8, 2e-3), (64, 4e-3)):
+        add("expert", t, tokens=n)
+    add("expert", 1.5e-3, phase="copying", tokens=1)    # 1.5x
+    add("expert", 2.2e-3, phase="copying", tokens=8)    # 1.1x
+    add("expert", 3.6e-3, phase="copying", tokens=64)   # 0.9x: floored at 1
+    add("attention", 1e-4, phase="decode", tokens=1, batch=1, context=128)
+    rows.append({**rows[0], "model": "", "op": "copy", "phase": "idle", "tokens": None, "batch": None,
+                 "bytes": 1 << 20})
+    frame = pd.DataFrame(rows, columns=PROFILE_COLUMNS)
+    header = {"device": "cpu", "models": {spec.name: model_signature(spec)}}
+    link = LinkSpec(name="cap", kind="pcie", bandwidth_bps=2e9, latency_s=0.0)
+    other = LinkSpec(name="pcie", kind="pcie", bandwidth_bps=32e9, latency_s=0.0)
+    ov = Table("(hand-made)", host_link=link, loaded=(header, frame)).overheads
+    assert ov.copy_contention(spec, 1, link) == pytest.approx(1.5)
+    assert ov.copy_contention(spec, 8, link) == pytest.approx(1.1)
+    assert ov.copy_contention(spec, 4, link) == pytest.approx(1.5 + (1.1 - 1.5) * 3 / 7)
+    assert ov.copy_contention(spec, 36, link) == pytest.approx(1.05)
+    assert ov.copy_contention(spec, 64, link) == ov.copy_contention(spec, 512, link) == 1.0
+    assert ov.copy_contention(spec, 1, other) == 1.0
+    plain = Table("(hand-made)", host_link=link, loaded=(header, frame[frame["phase"] != "copying"])).overheads
+    assert plain.copy_contention(spec, 1, link) == 1.0
 
 
 def test_table_refuses_models_it_was_not_profiled_for(quick_profile, specs):
