@@ -277,7 +277,12 @@ class _OpTimer:
             cat = "host_expert" if expert in ex._host_experts else "expert"
         else:
             cat = "other"
-        name = op if layer is None else (f"{op} L{layer}" if expert is None else f"{op} L{layer} E{expert}")
+        if layer is None:
+            name = op
+        elif expert is None:
+            name = f"{op} L{layer}"
+        else:   # an expert's span says how many tokens it ran on
+            name = f"{op} L{layer} E{expert} ({ex._expert_tokens.get(expert, 0)} tok)"
         return _Span(self, cat, name)
 
     def add(self, cat: str, dt: float) -> None:
@@ -417,6 +422,7 @@ class RealExecutor:
         self.memory = self._plan_memory()
         self._layer_open = False
         self._host_experts: set[int] = set()
+        self._expert_tokens: dict[int, int] = {}   # this layer's routed experts -> tokens (timeline span names)
         # Host-run experts run on the executing thread: the host is the device (CPU).
         self._host_inline = self.device.type == "cpu"
 
@@ -813,6 +819,7 @@ class RealExecutor:
         acc = self.loop.layer(self._step, layer, experts, counts)
         self._layer_open = True
         self._host_experts = set(acc.host)
+        self._expert_tokens = dict(zip(experts, counts))
         self._prev_key = None
         return list(acc.on_device) + list(acc.host)
 

@@ -14,6 +14,7 @@
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import numpy as np
@@ -148,6 +149,21 @@ def test_outputs_load_with_the_simulators_columns(shared, tmp_path):
     trace = json.loads((tmp_path / "timeline.json").read_text())["traceEvents"]
     cats = {e["cat"] for e in trace}
     assert {"compute", "copy", "attention", "expert"} <= cats
+    # Each expert span names its token count: a layer's spans sum to the pass's tokens x top_k.
+    sc, checked = compose_scenario(TINY), 0
+    for step in trace:
+        m = re.fullmatch(r"(?:prefill|decode) step (\d+) \(B=\d+\)", step["name"])
+        if not m:
+            continue
+        per_layer: dict[str, int] = {}
+        for e in trace:
+            x = re.fullmatch(r"expert (L\d+) E\d+ \((\d+) tok\)", e["name"])
+            if x and step["ts"] <= e["ts"] <= step["ts"] + step["dur"]:
+                per_layer[x.group(1)] = per_layer.get(x.group(1), 0) + int(x.group(2))
+        tokens = int(res.steps.loc[res.steps["step"] == int(m.group(1)), "tokens"].iloc[0])
+        assert per_layer == {f"L{l}": tokens * sc.model.top_k for l in sc.model.moe_layer_index}
+        checked += 1
+    assert checked == len(res.steps)
 
 
 @pytest.fixture(scope="module")
