@@ -558,7 +558,10 @@ class Engine:
         ready = pc.shared_s
         contends = self._contends
         waits, host_jobs, inline_host_s = [], [], 0.0
-        waiting, host, staged = set(acc.waiting), set(acc.host), set(acc.staged)
+        # Membership tests on the layer's few copied / host-run / staged experts (empty: a tuple).
+        waiting = set(acc.waiting)
+        host = set(acc.host) if acc.host else ()
+        staged = set(acc.staged) if acc.staged else ()
         for e, n in zip(acc.ids, acc.counts):   # routing order: the sums add up as they always did
             if e in host:
                 h = self._host_expert_s(n)
