@@ -45,9 +45,10 @@ on a busy machine), and it can even exceed the attention it is added to; the blo
 at the cheapest attention pass the profile measured for the model (``attention_floor_s``: the
 smallest median of its decode and prefill grids, which is also the least the attention
 interpolation itself ever answers), so that a layer's attention never costs nothing.
-``copy_overhead`` (one row per model): the compute stream's extra time per expert copy it issues
+``copy_overhead`` (one row per model): the compute stream's extra time per expert copy
 (submitting and landing the copy, the copy worker's wake-ups, the caches the copy's bytes
-pollute), ``copy_overhead_s``; without the row, 0. ``copy_launch`` (device-level, ``phase`` =
+pollute), ``copy_overhead_s``, paid by the SimPy backend once the copy has landed; without the
+row, 0. ``copy_launch`` (device-level, ``phase`` =
 ``idle`` or ``busy``): how long the executor's copy worker takes to start a copy submitted to it
 while idle (a sleeping thread's wake-up) or to start the next queued one; ``copy_launch_s`` adds
 it to every copy on the profiled host link (without the rows, 0). ``copy_resume`` (device-level):

@@ -66,8 +66,10 @@ synthetic requests with uniform routing, LRU; not any scenario that gets validat
   tokens), every expert resident vs half of them (LRU) with the link capped at
   ``CALIBRATION_LINK_BPS`` on CPU: (non-stall time per decode pass, offloaded - resident) /
   expert copies per pass; the median over ``overhead_pairs`` pairs (p10/p90 keep the spread).
-  Measured here: 0.15-0.3 ms per copy for mini_mixtral and mini_qwen alike (so mostly per-copy
-  Python and wake-ups, not bytes).
+  Measured here (2026-12-04): 0.67 ms per 11 MB mini_mixtral copy, 0.13 ms per 1.5 MB mini_qwen
+  copy (earlier profiles: 0.15-0.3 ms for both). In the executor's timelines that time falls after
+  the copy lands (the thread resuming, the ops after it running on caches the copy's bytes went
+  through), which is where the simulator charges it.
 * ``host_run_overhead`` (CPU): what running a missed expert on the host (Fiddler; on CPU the host
   is the device) costs beyond running it from a slot -- gathering its tokens, the cold weights of
   the host store. Pairs of runs of the same scenario, every expert resident vs half of them with

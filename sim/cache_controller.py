@@ -137,8 +137,6 @@ class CacheController:
     """The offload protocol over ``cache`` (an ``ExpertCache``, or a subclass that owns buffers).
 
     ``expert_bytes``: bytes one expert copy moves. ``sink``: the backend's copy carrier.
-    ``copies_ordered`` counts every expert copy ordered so far (demand, staging, prefetch): a
-    backend that charges per-copy host work reads its change over a stretch of the pass.
     """
 
     def __init__(self, cache: ExpertCache, policy: PrefetchPolicy, expert_bytes: float, sink: CopySink):
@@ -151,7 +149,6 @@ class CacheController:
         self._unused_prefetch: set[ExpertKey] = set()     # landed by a prefetch, not used yet
         self._prefetch_in_flight: set[ExpertKey] = set()  # prefetch copies not landed yet
         self.layer: Optional[int] = None                  # the layer between begin_layer and end_layer
-        self.copies_ordered = 0
 
     # ------------------------------------------------------------------ lifecycle
     def start(self, model, initial: Sequence[ExpertKey], seed: int = 0,
@@ -241,7 +238,6 @@ class CacheController:
         (the policy named no victim), False if into a cache slot."""
         self.counters.demand_bytes += self.expert_bytes
         self.counters.demand_loads += 1
-        self.copies_ordered += 1
         slot = self._make_room(key)
         if slot is False:
             self.counters.staged_loads += 1
@@ -261,7 +257,6 @@ class CacheController:
             return False
         self.counters.prefetch_bytes += self.expert_bytes
         self.counters.prefetches += 1
-        self.copies_ordered += 1
         self._prefetch_in_flight.add(key)
         self.sink.copy(CopyOrder(key, "prefetch", PREFETCH_PRIORITY_BASE + int(priority), self.expert_bytes, slot))
         return True

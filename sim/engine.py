@@ -27,9 +27,12 @@ The loop (``sim.loop.ServingLoop``) decides each pass and counts; the offload pr
   host-run expert is compute on the stream itself, after the layer's other experts, booked as
   ``host_stall_s`` (and ``host_expert_s``, the host CPU's time on them), so the step's parts still
   add up to its duration.
-* **Copy overhead**: each expert copy the pass orders adds ``overheads.copy_overhead_s`` (``hw.overheads``: the
-  executor's per-copy host work, measured by ``moesim-profile``; 0 for the roofline) to the
-  compute stream before it waits, booked as ``other_compute_s``. The copy engine starts each copy
+* **Copy overhead**: each expert copy costs the compute stream ``overheads.copy_overhead_s``
+  (``hw.overheads``: what a copy costs the executor's compute thread besides waiting for it, measured
+  by ``moesim-profile``; 0 for the roofline), booked as ``other_compute_s`` and paid once the copy
+  has landed, at the stream's next point: right after a wait for a copy, at each MoE layer's
+  start, before the LM head (in the executor that cost falls after the copy: landing it, and the
+  ops that run on caches its bytes went through; 2026-12-04 timelines, README "Validation"). The copy engine starts each copy
   ``overheads.copy_launch_s`` after its turn, and a stream blocked on a copy resumes
   ``overheads.copy_resume_s`` after it lands (counted as stall); 0 for the roofline. The part of
   an expert that runs while the copy engine has copies running or queued takes
@@ -234,6 +237,7 @@ class SimCopies:
         self._free_at: list[float] = []     # heap: when held buffers nobody waits for come free
         self._staging_backlog: collections.deque = collections.deque()   # (order, _StagedCopy)
         self._claims = 0                    # release events scheduled for backlog entries, not fired yet
+        self.landed = 0                     # expert copies landed so far (staging ones too)
 
     def copy(self, order: CopyOrder) -> None:
         if order.kind == "staging":
@@ -274,9 +278,11 @@ class SimCopies:
         job.callbacks.append(lambda _job: waiting.succeed())
 
     def _landed(self, tag) -> None:
-        if isinstance(tag, CopyOrder) and tag.kind != "staging":
-            self._jobs.pop(tag.key, None)
-            self.controller.landed(tag.key, tag.kind)
+        if isinstance(tag, CopyOrder):
+            self.landed += 1
+            if tag.kind != "staging":
+                self._jobs.pop(tag.key, None)
+                self.controller.landed(tag.key, tag.kind)
 
     def job(self, key) -> simpy.Event:
         """``key``'s copy job (ordered in this layer or in flight since earlier; a staging copy still
@@ -375,6 +381,7 @@ class Engine:
         loop = ServingLoop(sc, self.requests, ctl, self.policy, self.spec_policy, record_routing=self._record,
                            future=self.future, progress=self._progress)
         self._copy_overhead_s = self.overheads.copy_overhead_s(self.model)
+        self._copies_paid = 0   # landed copies whose copy_overhead_s the stream has paid
         self._copy_resume_s = self.overheads.copy_resume_s(h2d)
         self._host_is_device = bool(getattr(sc.hw, "host_is_device", False))
         self._expert_s: dict[int, float] = {}     # tokens -> one expert's compute time
@@ -463,15 +470,12 @@ class Engine:
         """One pass on the GPU's compute stream: up to each MoE layer's router (a timeout only when
         another event is due first), then the layer's experts (``_experts``, or ``_resident_experts``
         when none has to be waited for); returns the pass's ``PassTimes``."""
-        env, model, ctl = self.env, self.model, self.controller
+        env, model = self.env, self.model
         pc = self._pass_costs(s)
         routing = layer_routing(s.rows, model.num_experts)
         t = PassTimes(draft_s=pc.draft_s, reject_s=pc.reject_s)
-        copies_before = ctl.copies_ordered
         loop.begin_pass(s, routing)
-        # The compute stream's share of each copy it issues (Table: the profile's copy_overhead).
-        pending = (self.scenario.sim.pass_overhead_s + self.cost.embed_s(model, s.tokens)
-                   + self._copy_overhead_s * (ctl.copies_ordered - copies_before))
+        pending = self.scenario.sim.pass_overhead_s + self.cost.embed_s(model, s.tokens)
         t.other_compute_s += pending
         pending += pc.draft_s   # the drafter runs before the target's pass
         moe_index, queue = model.moe_layer_index, env._queue
@@ -485,7 +489,7 @@ class Engine:
                 t.other_compute_s += dense_s
                 continue
             ids, counts = routing[m]
-            pending += attention_s + router_s
+            pending += attention_s + router_s + self._landed_copies_s(t)
             t.attention_s += attention_s
             t.other_compute_s += moe_other_s
             if (queue[0][0] if queue else _INFINITY) > env._now + pending:   # nothing else happens first
@@ -494,28 +498,29 @@ class Engine:
                 env._now = env._now + pending
             else:
                 yield env.timeout(pending)  # the router has run: routing is known from here on
-            copies_before = ctl.copies_ordered
             acc = loop.layer(s, layer, ids, counts)
             if acc.waiting or acc.host:
-                pending = yield from self._experts(acc, pc, t, ctl.copies_ordered - copies_before)
+                pending = yield from self._experts(acc, pc, t)
             else:
-                pending = self._resident_experts(acc, pc, t, ctl.copies_ordered - copies_before)
+                pending = self._resident_experts(acc, pc, t)
             loop.end_layer()
         lm = self.cost.lm_head_s(model, pc.lm_positions)
         t.other_compute_s += lm
-        yield env.timeout(pending + lm + pc.reject_s)
+        yield env.timeout(pending + lm + pc.reject_s + self._landed_copies_s(t))
         return t
 
-    def _issue_s(self, t: PassTimes, copies_ordered: int) -> float:
-        """The compute stream's share of the copies a layer ordered (``copy_overhead_s`` each), booked
-        as other compute."""
-        if not copies_ordered:
+    def _landed_copies_s(self, t: PassTimes) -> float:
+        """The stream's cost for the copies landed since it last paid (``copy_overhead_s`` each),
+        booked as other compute."""
+        n = self.copies.landed - self._copies_paid
+        if not n or not self._copy_overhead_s:
             return 0.0
-        issue_s = self._copy_overhead_s * copies_ordered
-        t.other_compute_s += issue_s
-        return issue_s
+        self._copies_paid += n
+        paid_s = self._copy_overhead_s * n
+        t.other_compute_s += paid_s
+        return paid_s
 
-    def _resident_experts(self, acc: LayerAccess, pc: _PassCosts, t: PassTimes, copies_ordered: int) -> float:
+    def _resident_experts(self, acc: LayerAccess, pc: _PassCosts, t: PassTimes) -> float:
         """``_experts`` of a layer whose experts are all resident: no wait, only sums (routing order)."""
         ready, expert_s, cached = pc.shared_s, t.expert_compute_s, self._expert_s
         contended = self._contends and self.copier.busy_until_s() > self.env._now
@@ -528,7 +533,7 @@ class Engine:
             expert_s += x
             ready += x
         t.expert_compute_s = expert_s
-        return ready + self._issue_s(t, copies_ordered) + pc.combine_s
+        return ready + pc.combine_s
 
     def _run_contended_s(self, start_s: float, x: float, tokens: int, t: PassTimes) -> float:
         """``_contended_s`` for an expert whose uncontended ``x`` is booked already: books the extra."""
@@ -551,7 +556,7 @@ class Engine:
         slow_work_s = busy_s / factor   # the work that fits before the copies are done
         return x * factor if x <= slow_work_s else busy_s + (x - slow_work_s)
 
-    def _experts(self, acc: LayerAccess, pc: _PassCosts, t: PassTimes, copies_ordered: int):
+    def _experts(self, acc: LayerAccess, pc: _PassCosts, t: PassTimes):
         """A MoE layer's experts after its router: resident (and shared) experts first, then each
         copied one once it landed, host-run ones beside; returns the compute left pending (the combine)."""
         env, layer = self.env, acc.layer
@@ -580,7 +585,7 @@ class Engine:
                 x = self._contended_s(env._now + ready, x, n)
             t.expert_compute_s += x
             ready += x
-        acc_s = ready + self._issue_s(t, copies_ordered)
+        acc_s = ready
         for ev, x, in_staging, n in waits:
             if ev.processed:
                 if contends:
@@ -603,6 +608,7 @@ class Engine:
                 if self._copy_resume_s > 0:   # the stream notices the copy landed this much later
                     yield env.timeout(self._copy_resume_s)
                 t.copy_stall_s += env.now - t0
+                acc_s += self._landed_copies_s(t)   # the copy it waited for, and any landed meanwhile
             if contends:
                 x = self._run_contended_s(env._now + acc_s, x, n, t)
             acc_s += x

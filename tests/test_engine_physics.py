@@ -101,10 +101,11 @@ def test_lone_miss_costs_bytes_over_bandwidth_plus_latency():
     assert step_miss.duration_s - step_hit.duration_s == pytest.approx(copy_s - resident_compute, rel=1e-9)
 
 
-def test_copy_overhead_is_paid_by_the_compute_stream_before_it_waits():
-    """A cost model whose copies cost the compute stream ``c`` each (the real executor's per-copy
-    host work, ``Table.overheads.copy_overhead_s``): the lone miss above issues one copy, so the step's
-    compute grows by c, which hides behind the copy until it outlasts the stall."""
+def test_copy_overhead_is_paid_by_the_compute_stream_once_the_copy_lands():
+    """A cost model whose copies cost the compute stream ``c`` each (what a copy costs the real
+    executor's compute thread besides the wait, ``Table.overheads.copy_overhead_s``): the lone miss
+    above issues one copy; the stream waits for it as before (the same stall), then pays c before
+    the expert runs, so the step is exactly c longer, whatever c is."""
     from hw.cost import Roofline
 
     from hw.overheads import NoOverheads
@@ -134,8 +135,8 @@ def test_copy_overhead_is_paid_by_the_compute_stream_before_it_waits():
     for c, st in steps.items():
         assert st.demand_loads == 1
         assert st.other_compute_s - s0.other_compute_s == pytest.approx(c, rel=1e-9, abs=1e-15)
-        assert st.copy_stall_s == pytest.approx(max(0.0, stall - c), rel=1e-9, abs=1e-15)
-        assert st.duration_s - s0.duration_s == pytest.approx(max(0.0, c - stall), rel=1e-6, abs=1e-12)
+        assert st.copy_stall_s == pytest.approx(stall, rel=1e-9, abs=1e-15)
+        assert st.duration_s - s0.duration_s == pytest.approx(c, rel=1e-6, abs=1e-12)
 
 
 def test_copy_launch_delays_each_copy_by_the_idle_or_busy_figure():
@@ -308,3 +309,43 @@ def test_experts_beside_a_copy_run_slower_by_the_copy_contention_factor():
     assert a.copy_stall_s == pytest.approx(3e-3, rel=1e-9) and b.copy_stall_s == 0.0
     assert b.duration_s - a.duration_s == pytest.approx(2e-3, rel=1e-6)
     assert b.expert_compute_s - a.expert_compute_s == pytest.approx(5e-3, rel=1e-6)
+
+
+def test_a_copys_overhead_is_paid_after_it_lands_where_a_later_wait_can_hide_it():
+    """Two misses in layer 0, every expert X = 1 ms, every copy C = 10 ms, copy overhead c = 2 ms,
+    from the router's end (t = 0): copies [0, 10] and [10, 20]; the 6 resident experts [0, 6]; stall
+    [6, 10]; c for the first copy [10, 12]; its expert [12, 13]; stall [13, 20]; c for the second
+    [20, 22]; its expert [22, 23]. Against c = 0 (stalls [6, 10] and [11, 20]): the step is c = 2 ms
+    longer, its stall c shorter (the first c hides in the second wait) and its other compute 2c
+    longer. (Paid when the copies are ordered, both c would hide in the first stall: no longer.)"""
+    from hw.cost import Roofline
+    from hw.overheads import NoOverheads
+
+    class CopyOverhead(NoOverheads):
+        def __init__(self, c):
+            self.c = c
+
+        def copy_overhead_s(self, model):
+            return self.c
+
+    class Fixed(Roofline):
+        def __init__(self, sc, c):
+            super().__init__(sc.hw.gpu, sc.hw.cpu)
+            self.overheads = CopyOverhead(c)
+
+        def expert_s(self, model, tokens):
+            return 1e-3
+
+        def copy_s(self, nbytes, link):
+            return 10e-3
+
+    rows = np.tile(np.arange(K), (3, L, 1))
+    rows[2, 0, 6], rows[2, 0, 7] = 62, 63             # two misses (capacity 62: 0..61 resident)
+    sc = olmoe("policy.prefetch.capacity_per_layer=62")
+    plain, paid = (Engine(sc, [request(0, rows, prompt_len=1)], cost=Fixed(sc, c)).run().steps for c in (0.0, 2e-3))
+    for st in (plain, paid):
+        assert st.iloc[2].demand_loads == 2 and st.iloc[:2].demand_loads.sum() == 0
+    a, b = plain.iloc[2], paid.iloc[2]
+    assert a.copy_stall_s == pytest.approx(13e-3, rel=1e-9) and b.copy_stall_s == pytest.approx(11e-3, rel=1e-9)
+    assert b.duration_s - a.duration_s == pytest.approx(2e-3, rel=1e-6)
+    assert b.other_compute_s - a.other_compute_s == pytest.approx(4e-3, rel=1e-6)
