@@ -268,6 +268,22 @@ def test_a_staging_copy_waits_for_one_of_the_two_staging_buffers():
         assert st.expert_compute_s == pytest.approx(L * 8e-3, rel=1e-9)
 
 
+def _one_ms_experts_ten_ms_copies(sc, overheads):
+    """The roofline with every expert 1 ms, every copy 10 ms and the given executor ``overheads``."""
+    from hw.cost import Roofline
+
+    class Fixed(Roofline):
+        def expert_s(self, model, tokens):
+            return 1e-3
+
+        def copy_s(self, nbytes, link):
+            return 10e-3
+
+    cost = Fixed(sc.hw.gpu, sc.hw.cpu)
+    cost.overheads = overheads
+    return cost
+
+
 def test_experts_beside_a_copy_run_slower_by_the_copy_contention_factor():
     """``overheads.copy_contention`` (the executor's copy thread slowing its compute thread, measured
     by ``moesim-profile``): the part of an expert that runs while the copy engine is busy takes f
@@ -276,7 +292,6 @@ def test_experts_beside_a_copy_run_slower_by_the_copy_contention_factor():
     the last 2 ms at full speed, done at 12; the copy landed at 10, so no stall; the copied expert
     runs alone, [12, 13]. Without contention: residents [0, 7], stall [7, 10], copied expert [10, 11].
     So the step is 2 ms longer, its stall 3 ms shorter and its expert time 5 ms longer."""
-    from hw.cost import Roofline
     from hw.overheads import NoOverheads
 
     class Contention(NoOverheads):
@@ -286,21 +301,10 @@ def test_experts_beside_a_copy_run_slower_by_the_copy_contention_factor():
         def copy_contention(self, model, tokens, link):
             return self.factor
 
-    class Fixed(Roofline):
-        def __init__(self, sc, factor):
-            super().__init__(sc.hw.gpu, sc.hw.cpu)
-            self.overheads = Contention(factor)
-
-        def expert_s(self, model, tokens):
-            return 1e-3
-
-        def copy_s(self, nbytes, link):
-            return 10e-3
-
     rows = np.tile(np.arange(K), (3, L, 1))
     rows[2, 0, 7] = 63                                # the lone miss (capacity 63: 0..62 resident)
     sc = olmoe("policy.prefetch.capacity_per_layer=63")
-    plain, slowed = (Engine(sc, [request(0, rows, prompt_len=1)], cost=Fixed(sc, f)).run().steps
+    plain, slowed = (Engine(sc, [request(0, rows, prompt_len=1)], cost=_one_ms_experts_ten_ms_copies(sc, Contention(f))).run().steps
                      for f in (1.0, 2.0))
     for st in (plain, slowed):   # steps 0 and 1 copy nothing: contention changes nothing there
         assert st.iloc[2].demand_loads == 1 and st.iloc[:2].demand_loads.sum() == 0
@@ -318,7 +322,6 @@ def test_a_copys_overhead_is_paid_after_it_lands_where_a_later_wait_can_hide_it(
     [20, 22]; its expert [22, 23]. Against c = 0 (stalls [6, 10] and [11, 20]): the step is c = 2 ms
     longer, its stall c shorter (the first c hides in the second wait) and its other compute 2c
     longer. (Paid when the copies are ordered, both c would hide in the first stall: no longer.)"""
-    from hw.cost import Roofline
     from hw.overheads import NoOverheads
 
     class CopyOverhead(NoOverheads):
@@ -328,21 +331,11 @@ def test_a_copys_overhead_is_paid_after_it_lands_where_a_later_wait_can_hide_it(
         def copy_overhead_s(self, model):
             return self.c
 
-    class Fixed(Roofline):
-        def __init__(self, sc, c):
-            super().__init__(sc.hw.gpu, sc.hw.cpu)
-            self.overheads = CopyOverhead(c)
-
-        def expert_s(self, model, tokens):
-            return 1e-3
-
-        def copy_s(self, nbytes, link):
-            return 10e-3
-
     rows = np.tile(np.arange(K), (3, L, 1))
     rows[2, 0, 6], rows[2, 0, 7] = 62, 63             # two misses (capacity 62: 0..61 resident)
     sc = olmoe("policy.prefetch.capacity_per_layer=62")
-    plain, paid = (Engine(sc, [request(0, rows, prompt_len=1)], cost=Fixed(sc, c)).run().steps for c in (0.0, 2e-3))
+    plain, paid = (Engine(sc, [request(0, rows, prompt_len=1)], cost=_one_ms_experts_ten_ms_copies(sc, CopyOverhead(c))).run().steps
+                   for c in (0.0, 2e-3))
     for st in (plain, paid):
         assert st.iloc[2].demand_loads == 2 and st.iloc[:2].demand_loads.sum() == 0
     a, b = plain.iloc[2], paid.iloc[2]
