@@ -480,6 +480,7 @@ class Engine:
         pending += pc.draft_s   # the drafter runs before the target's pass
         moe_index, queue = model.moe_layer_index, env._queue
         attention_s, dense_s, router_s = pc.attention_s, pc.dense_s, pc.router_s
+        landing_cost = self._copy_overhead_s > 0
         moe_other_s = pc.router_s + pc.shared_s + pc.combine_s
         for layer in range(model.num_layers):
             m = moe_index.get(layer)
@@ -489,7 +490,9 @@ class Engine:
                 t.other_compute_s += dense_s
                 continue
             ids, counts = routing[m]
-            pending += attention_s + router_s + self._landed_copies_s(t)
+            pending += attention_s + router_s
+            if landing_cost:
+                pending += self._landed_copies_s(t)
             t.attention_s += attention_s
             t.other_compute_s += moe_other_s
             if (queue[0][0] if queue else _INFINITY) > env._now + pending:   # nothing else happens first
