@@ -942,6 +942,51 @@ def run_profile(models: Sequence[str | ModelSpec], device: Optional[str] = None,
     return out
 
 
+EXECUTOR_OVERHEAD_OPS = ("layer_overhead", "copy_overhead", "host_run_overhead")   # what recalibrate() remeasures
+
+
+def recalibrate(profile_dir: str | Path, models: Sequence[str | ModelSpec], out_dir: str | Path,
+                device: Optional[str] = None, seed: int = 0, log: Callable[[str], None] = lambda s: None,
+                sweep: Optional[Sweep] = None) -> Path:
+    """A copy of the profile in ``profile_dir`` written to ``out_dir`` (a new directory; the input
+    is never written) with the executor-overhead rows (``EXECUTOR_OVERHEAD_OPS``) of ``models``
+    measured again now, against the profile's own op tables: the same calibration runs as
+    ``moesim-profile`` (synthetic requests, uniform routing). Those rows are the executor's pass
+    time minus what the op tables say, so they carry the machine's speed at the moment they are
+    measured; ``moesim-validate --recalibrate`` takes them right before it validates. Every other
+    row (op tables, copies, launch and resume delays) is kept as profiled."""
+    src, out = Path(profile_dir), Path(out_dir)
+    header = json.loads((src / PROFILE_HEADER).read_text())
+    rows = pd.read_parquet(src / PROFILE_PARQUET)
+    dev = ops.resolve_device(device or header["device"])
+    if dev.type != header["device"]:
+        raise ConfigError(f"--device={dev.type} does not match the profile in {src} (measured on {header['device']})")
+    specs = [s for s in _resolve_models(models) if not s.is_dense]
+    threads = int(header["torch_threads"])
+    dtype = ops.default_dtype(dev)
+    old_threads = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        for spec in specs:
+            spec = truncated(dtype_consistent(spec, dtype), header.get("profiled_layers", {}).get(spec.name))
+            if header.get("models", {}).get(spec.name) != model_signature(spec):
+                raise ConfigError(f"{src} holds no cost tables for model {spec.name} as configured; "
+                                  f"run moesim-profile --models {spec.name}")
+            prof = _Profiler(dev, dtype, sweep or (QUICK if header.get("quick") else FULL), threads, seed, log)
+            mine = rows["model"] == spec.name
+            prof.rows = rows[mine & ~rows["op"].isin(EXECUTOR_OVERHEAD_OPS)].to_dict("records")
+            kept = len(prof.rows)
+            prof.executor_overheads(spec)
+            rows = pd.concat([rows[~mine], rows[mine & ~rows["op"].isin(EXECUTOR_OVERHEAD_OPS)],
+                              pd.DataFrame(prof.rows[kept:], columns=PROFILE_COLUMNS)], ignore_index=True)
+    finally:
+        torch.set_num_threads(old_threads)
+    now = _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
+    header = {**header, "recalibrated": {"date": now, "from": str(src.resolve()), "models": [s.name for s in specs]}}
+    write_profile(out, rows, header)
+    return out
+
+
 def _typed(df: pd.DataFrame) -> pd.DataFrame:
     df = df.copy()
     for c in ("tokens", "batch", "context", "bytes", "repeats", "threads"):

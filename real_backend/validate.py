@@ -1,8 +1,8 @@
 """``moesim-validate``: run the real executor and the simulator on the same scenario and compare.
 
     moesim-validate [KEY=VALUE ...] [--repeats N] [--profile-dir DIR] [-o OUT]
-                    [--sweep KEY=V1,V2 ...] [--free-running] [--checkpoint DIR] [--torch-profile]
-                    [--device cpu|cuda]
+                    [--sweep KEY=V1,V2 ...] [--recalibrate] [--free-running] [--checkpoint DIR]
+                    [--torch-profile] [--device cpu|cuda]
 
 ``--checkpoint DIR``: the real model's weights from a local safetensors checkpoint (Hugging Face
 Mixtral names; ``real_backend.model``) instead of random ones; the shapes must be the scenario's
@@ -63,6 +63,14 @@ replays it) and the simulator replays exactly that. Repeats that choose differen
 kernels) are reported. Policies that need the routing before a pass (``oracle``, ``pregated``,
 ``speculating``, ``lookahead``) are refused.
 
+``--recalibrate``: before anything is simulated, the executor-overhead rows of the validated
+models (``layer_overhead``, ``copy_overhead``, ``host_run_overhead``: the executor's pass time
+minus what the op tables say, from synthetic calibration runs, never a validated scenario) are
+measured again (``real_backend.profile.recalibrate``, ~1 min per model here) into ``OUT/profile``,
+a copy of the profile with those rows replaced; the simulator uses that copy. Those rows carry
+the machine's speed at the moment they are measured, and on a shared machine that speed drifts
+between a profile and a validation run minutes later (README, "Validation on this CPU").
+
 OUT must be missing or empty unless ``--force`` (which writes into it, replacing files of the same
 names); it is never an input's directory (``--profile-dir``, ``--checkpoint``, ``workload.path``).
 Both are checked before anything runs.
@@ -93,6 +101,7 @@ from workloads.validation import ConfigError
 from .cli_util import OneLineParser as _Parser, run_cli
 
 PROG = "moesim-validate"
+RECALIBRATED_PROFILE = "profile"   # OUT/profile: the tables --recalibrate simulated with
 DEFAULT_OVERRIDES = ("hw=this_cpu", "model=mini_mixtral", "workload.num_requests=4", "workload.prompt_len=32",
                      "workload.output_len=17", "hw.host_link.bandwidth_bps=2e9")
 CAPACITY_KEYS = ("policy.prefetch.capacity_per_layer", "hw.gpu.memory_bytes", "hw/gpu", "hw")
@@ -173,6 +182,19 @@ def resolve_profile_dir(scenarios, profile_dir: Optional[str | Path], device: st
         log(f"profiling {', '.join(missing)} (--quick) into {cache}")
         run_profile(missing, device, cache, quick=True, log=lambda s: log(f"moesim-profile: {s}"))
     return cache.resolve()
+
+
+def recalibrated_profile_dir(pdir: Path, scenarios, out: Path, device: Optional[str],
+                             log: Callable[[str], None]) -> Path:
+    """``--recalibrate``: the profile in ``pdir`` with the executor-overhead rows of the scenarios'
+    models measured again now (``real_backend.profile.recalibrate``), written to ``OUT/profile``."""
+    from .profile import recalibrate
+
+    models = {sc.model.name: sc.model for sc in scenarios}   # the specs as configured (overrides included)
+    log(f"recalibrating the executor overheads of {', '.join(sorted(models))} (from {pdir}) into "
+        f"{out / RECALIBRATED_PROFILE}")
+    return recalibrate(pdir, [models[m] for m in sorted(models)], out / RECALIBRATED_PROFILE, device,
+                       log=lambda s: log(f"moesim-profile: {s}")).resolve()
 
 
 # ------------------------------------------------------------------------------------ one validation
@@ -349,7 +371,7 @@ class _Validation:
 
 
 def _prepare(overrides: Sequence[str], profile_dir, out, device, log, _resolved_profile, free_running: bool,
-             checkpoint) -> _Validation:
+             checkpoint, recalibrate: bool = False) -> _Validation:
     from hw.cost import cost_model_for
     from workloads.requests import build_requests
 
@@ -366,9 +388,11 @@ def _prepare(overrides: Sequence[str], profile_dir, out, device, log, _resolved_
     check_runnable(scenario, free_running)
     check_one_device(scenario)
     pdir = _resolved_profile or resolve_profile_dir([scenario], profile_dir, device or "cpu", log)
+    out = Path(out) if out is not None else Path("validation") / _dt.datetime.now().strftime("%Y-%m-%d-%H-%M-%S")
+    if recalibrate and _resolved_profile is None:
+        pdir = recalibrated_profile_dir(pdir, [scenario], out, device, log)
     sim_scenario = _compose(ov + ["sim.progress=false", "sim.timeline=true", "++hw.cost_model=table",
                                   f"++hw.profile_dir={pdir}"])
-    out = Path(out) if out is not None else Path("validation") / _dt.datetime.now().strftime("%Y-%m-%d-%H-%M-%S")
     requests = build_requests(scenario.workload, scenario.model, scenario.seed)
     cost = cost_model_for(sim_scenario.hw, sim_scenario.model)   # checks the tables before anything runs
     model, store = _MODELS.get(scenario, device, checkpoint)
@@ -452,11 +476,11 @@ def _finish(v: _Validation, log) -> dict:
 def validate(overrides: Sequence[str] = (), repeats: int = 3, profile_dir: Optional[str | Path] = None,
              out: Optional[str | Path] = None, device: Optional[str] = None, torch_profile: bool = False,
              log: Callable[[str], None] = lambda s: None, _resolved_profile: Optional[Path] = None,
-             free_running: bool = False, checkpoint: Optional[str | Path] = None) -> dict:
+             free_running: bool = False, checkpoint: Optional[str | Path] = None, recalibrate: bool = False) -> dict:
     """One validation (module docstring); returns ``{"comparison", "iterations", "sim", "real", "out"}``."""
     if repeats < 1:
         raise ConfigError(f"--repeats={repeats} is invalid; must be >= 1")
-    v = _prepare(overrides, profile_dir, out, device, log, _resolved_profile, free_running, checkpoint)
+    v = _prepare(overrides, profile_dir, out, device, log, _resolved_profile, free_running, checkpoint, recalibrate)
     for _ in range(repeats):
         _real_run(v, repeats, torch_profile, log)
     return _finish(v, log)
@@ -506,7 +530,7 @@ def check_one_device(scenario) -> None:
 
 def run_sweep(fixed: Sequence[str], axes: Sequence[str], repeats: int, profile_dir, out: Path, device,
               log: Callable[[str], None], free_running: bool = False,
-              checkpoint: Optional[str | Path] = None) -> pd.DataFrame:
+              checkpoint: Optional[str | Path] = None, recalibrate: bool = False) -> pd.DataFrame:
     if repeats < 1:
         raise ConfigError(f"--repeats={repeats} is invalid; must be >= 1")
     cells = sweep_cells(axes)
@@ -521,6 +545,8 @@ def run_sweep(fixed: Sequence[str], axes: Sequence[str], repeats: int, profile_d
         check_runnable(sc, free_running)
         check_one_device(sc)
     pdir = resolve_profile_dir(scenarios, profile_dir, device or "cpu", log)
+    if recalibrate:
+        pdir = recalibrated_profile_dir(pdir, scenarios, out, device, log)
     # Every cell is prepared and simulated first; then the real runs go round robin (repeat 1 of
     # every cell, then repeat 2, ...), so a stretch of load on the shared machine moves one repeat
     # of several cells (which their medians absorb), not every repeat of one cell.
@@ -575,7 +601,7 @@ def format_accuracy(acc: pd.DataFrame) -> str:
 #: what a validation (or a sweep) writes into OUT: top-level names (glob patterns)
 OUTPUT_NAMES = ("comparison.csv", "iterations.csv", "real_repeats.csv", "sim_timeline.json",
                 "real_timeline.json", "scatter.png", "validation.json", "free_running_trace.parquet",
-                "torch_profile_*.json", "sim", "real", "cells", "accuracy.csv")
+                "torch_profile_*.json", "sim", "real", "cells", "accuracy.csv", RECALIBRATED_PROFILE)
 #: overrides whose values are files or directories the run reads
 INPUT_KEYS = ("workload.path", "hw.profile_dir")
 
@@ -612,6 +638,9 @@ def build_parser() -> argparse.ArgumentParser:
                    "simulator replays what it chose (written to OUT/free_running_trace.parquet)")
     p.add_argument("--checkpoint", default=None, metavar="DIR", help="real model weights from a local safetensors "
                    "checkpoint directory (Hugging Face Mixtral names) instead of random ones")
+    p.add_argument("--recalibrate", action="store_true", help="measure the profile's executor overheads "
+                   "(layer_overhead, copy_overhead, host_run_overhead) of the validated models again right before "
+                   f"validating, into OUT/{RECALIBRATED_PROFILE} (the given profile is not changed)")
     p.add_argument("--force", action="store_true", help=FORCE_HELP_DIR)
     return p
 
@@ -630,12 +659,12 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         check_output_dir(out, args)
         if args.sweep:
             acc = run_sweep(args.overrides, args.sweep, args.repeats, args.profile_dir, out, args.device, log,
-                            free_running=args.free_running, checkpoint=args.checkpoint)
+                            free_running=args.free_running, checkpoint=args.checkpoint, recalibrate=args.recalibrate)
             print(format_accuracy(acc))
         else:
             r = validate(args.overrides, args.repeats, args.profile_dir, out, args.device,
                          torch_profile=args.torch_profile, log=log, free_running=args.free_running,
-                         checkpoint=args.checkpoint)
+                         checkpoint=args.checkpoint, recalibrate=args.recalibrate)
             print(format_table(r["comparison"]))
         print(f"outputs: {out}")
         return 0

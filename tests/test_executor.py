@@ -194,6 +194,33 @@ def test_validate_writes_comparison_and_scatter(tiny_profile, tmp_path, capsys):
     assert "tpot_s" in capsys.readouterr().out
 
 
+def test_validate_recalibrate_remeasures_only_the_executor_overheads(tiny_profile, tmp_path):
+    """``--recalibrate``: OUT/profile is the given profile with the validated model's
+    layer/copy/host-run overhead rows measured again (one per token count the calibration runs,
+    the same as the profile's), every other row kept as it was; the simulator used that copy, and
+    the given profile is not touched."""
+    from real_backend.profile import EXECUTOR_OVERHEAD_OPS
+
+    before = {f.name: f.read_bytes() for f in tiny_profile.iterdir()}
+    out = tmp_path / "val"
+    args = [o for o in TINY if o != "hw.cost_model=roofline"]
+    rc = V.main(args + ["--repeats", "1", "--profile-dir", str(tiny_profile), "--recalibrate", "-o", str(out)])
+    assert rc == 0
+    assert {f.name: f.read_bytes() for f in tiny_profile.iterdir()} == before
+    header = json.loads((out / "profile" / "profile.json").read_text())
+    model = compose_scenario(TINY).model.name
+    assert header["recalibrated"]["models"] == [model]
+    old, new = pd.read_parquet(tiny_profile / "profile.parquet"), pd.read_parquet(out / "profile" / "profile.parquet")
+    remeasured = lambda d: (d["model"] == model) & d["op"].isin(EXECUTOR_OVERHEAD_OPS)  # noqa: E731
+    key = ["model", "op", "phase", "tokens", "batch", "context", "bytes"]
+    kept_old = old[~remeasured(old)].sort_values(key, na_position="first").reset_index(drop=True)
+    kept_new = new[~remeasured(new)].sort_values(key, na_position="first").reset_index(drop=True)
+    pd.testing.assert_frame_equal(kept_old, kept_new, check_dtype=False)
+    assert sorted(map(tuple, old[remeasured(old)][["op", "tokens"]].astype(str).values)) == \
+        sorted(map(tuple, new[remeasured(new)][["op", "tokens"]].astype(str).values))
+    assert json.loads((out / "validation.json").read_text())["profile_dir"] == str((out / "profile").resolve())
+
+
 def test_validate_sweep_writes_accuracy(tiny_profile, tmp_path):
     out = tmp_path / "sweep"
     args = [o for o in TINY if o not in ("hw.cost_model=roofline", "workload.batch_size=2")]
