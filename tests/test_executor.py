@@ -225,10 +225,14 @@ def test_validate_sweep_writes_accuracy(tiny_profile, tmp_path):
     out = tmp_path / "sweep"
     args = [o for o in TINY if o not in ("hw.cost_model=roofline", "workload.batch_size=2")]
     rc = V.main(args + ["workload.num_requests=2", "--repeats", "1", "--profile-dir", str(tiny_profile), "-o",
-                        str(out), "--sweep", "policy/prefetch=lru,lfu", "workload.batch_size=1,2"])
+                        str(out), "--sweep", "policy/prefetch=lru,lfu", "workload.batch_size=1,2", "--recalibrate"])
     assert rc == 0
     acc = pd.read_csv(out / "accuracy.csv")
     assert len(acc) == 4
+    # --recalibrate: one recalibrated copy of the profile for the whole sweep, which every cell used
+    assert "recalibrated" in json.loads((out / "profile" / "profile.json").read_text())
+    for d in acc["dir"]:
+        assert json.loads((Path(d) / "validation.json").read_text())["profile_dir"] == str((out / "profile").resolve())
     assert {"policy/prefetch", "workload.batch_size", "sim_tpot_s", "real_tpot_s", "tpot_err_pct", "sim_rank",
             "real_rank", "ranking_agrees"} <= set(acc.columns)
     assert sorted(acc.groupby("group")["sim_rank"].apply(sorted).tolist()) == [[1, 2], [1, 2]]
