@@ -32,8 +32,8 @@ The loop (``sim.loop.ServingLoop``) decides each pass and counts; the offload pr
   by ``moesim-profile``; 0 for the roofline), booked as ``other_compute_s`` and paid once the copy
   has landed, at the stream's next point: right after a wait for a copy, at each MoE layer's
   start, before the LM head (in the executor that cost falls after the copy: landing it, and the
-  ops that run on caches its bytes went through; 2026-12-04 timelines, README "Validation"). The copy engine starts each copy
-  ``overheads.copy_launch_s`` after its turn, and a stream blocked on a copy resumes
+  ops that run on caches its bytes went through; 2026-12-04 timelines, README "Validation"). The
+  copy engine starts each copy ``overheads.copy_launch_s`` after its turn, and a stream blocked on a copy resumes
   ``overheads.copy_resume_s`` after it lands (counted as stall); 0 for the roofline. The part of
   an expert that runs while the copy engine has copies running or queued takes
   ``overheads.copy_contention`` times longer (the executor's copy thread slowing its compute
