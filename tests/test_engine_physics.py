@@ -268,8 +268,9 @@ def test_a_staging_copy_waits_for_one_of_the_two_staging_buffers():
         assert st.expert_compute_s == pytest.approx(L * 8e-3, rel=1e-9)
 
 
-def _one_ms_experts_ten_ms_copies(sc, overheads):
-    """The roofline with every expert 1 ms, every copy 10 ms and the given executor ``overheads``."""
+def _one_ms_experts_ten_ms_copies(sc, rows, overheads):
+    """The step records of one request replaying ``rows`` (prompt of 1 token) under the roofline
+    with every expert 1 ms, every copy 10 ms and the given executor ``overheads``."""
     from hw.cost import Roofline
 
     class Fixed(Roofline):
@@ -281,7 +282,7 @@ def _one_ms_experts_ten_ms_copies(sc, overheads):
 
     cost = Fixed(sc.hw.gpu, sc.hw.cpu)
     cost.overheads = overheads
-    return cost
+    return Engine(sc, [request(0, rows, prompt_len=1)], cost=cost).run().steps
 
 
 def test_experts_beside_a_copy_run_slower_by_the_copy_contention_factor():
@@ -304,8 +305,7 @@ def test_experts_beside_a_copy_run_slower_by_the_copy_contention_factor():
     rows = np.tile(np.arange(K), (3, L, 1))
     rows[2, 0, 7] = 63                                # the lone miss (capacity 63: 0..62 resident)
     sc = olmoe("policy.prefetch.capacity_per_layer=63")
-    plain, slowed = (Engine(sc, [request(0, rows, prompt_len=1)], cost=_one_ms_experts_ten_ms_copies(sc, Contention(f))).run().steps
-                     for f in (1.0, 2.0))
+    plain, slowed = (_one_ms_experts_ten_ms_copies(sc, rows, Contention(f)) for f in (1.0, 2.0))
     for st in (plain, slowed):   # steps 0 and 1 copy nothing: contention changes nothing there
         assert st.iloc[2].demand_loads == 1 and st.iloc[:2].demand_loads.sum() == 0
     assert slowed.iloc[:2].duration_s.tolist() == plain.iloc[:2].duration_s.tolist()
@@ -334,8 +334,7 @@ def test_a_copys_overhead_is_paid_after_it_lands_where_a_later_wait_can_hide_it(
     rows = np.tile(np.arange(K), (3, L, 1))
     rows[2, 0, 6], rows[2, 0, 7] = 62, 63             # two misses (capacity 62: 0..61 resident)
     sc = olmoe("policy.prefetch.capacity_per_layer=62")
-    plain, paid = (Engine(sc, [request(0, rows, prompt_len=1)], cost=_one_ms_experts_ten_ms_copies(sc, CopyOverhead(c))).run().steps
-                   for c in (0.0, 2e-3))
+    plain, paid = (_one_ms_experts_ten_ms_copies(sc, rows, CopyOverhead(c)) for c in (0.0, 2e-3))
     for st in (plain, paid):
         assert st.iloc[2].demand_loads == 2 and st.iloc[:2].demand_loads.sum() == 0
     a, b = plain.iloc[2], paid.iloc[2]
