@@ -942,7 +942,8 @@ def run_profile(models: Sequence[str | ModelSpec], device: Optional[str] = None,
     return out
 
 
-EXECUTOR_OVERHEAD_OPS = ("layer_overhead", "copy_overhead", "host_run_overhead")   # what recalibrate() remeasures
+# what recalibrate() measures again: the executor's time beyond the op tables
+EXECUTOR_OVERHEAD_OPS = ("layer_overhead", "copy_overhead", "host_run_overhead", "draft_pass_overhead")
 
 
 def recalibrate(profile_dir: str | Path, models: Sequence[str | ModelSpec], out_dir: str | Path,
@@ -951,34 +952,41 @@ def recalibrate(profile_dir: str | Path, models: Sequence[str | ModelSpec], out_
     """A copy of the profile in ``profile_dir`` written to ``out_dir`` (a new directory; the input
     is never written) with the executor-overhead rows (``EXECUTOR_OVERHEAD_OPS``) of ``models``
     measured again now, against the profile's own op tables: the same calibration runs as
-    ``moesim-profile`` (synthetic requests, uniform routing). Those rows are the executor's pass
-    time minus what the op tables say, so they carry the machine's speed at the moment they are
-    measured; ``moesim-validate --recalibrate`` takes them right before it validates. Every other
-    row (op tables, copies, launch and resume delays) is kept as profiled."""
+    ``moesim-profile`` (synthetic requests, uniform routing; a dense model's ``draft_pass_overhead``
+    drafting for the first MoE model of ``models`` with its vocabulary, else kept as profiled).
+    Those rows are the executor's time minus what the op tables say, so they carry the machine's
+    speed at the moment they are measured; ``moesim-validate --recalibrate`` takes them right
+    before it validates. Every other row (op tables, copies, launch and resume delays) is kept as
+    profiled."""
     src, out = Path(profile_dir), Path(out_dir)
     header = json.loads((src / PROFILE_HEADER).read_text())
     rows = pd.read_parquet(src / PROFILE_PARQUET)
     dev = ops.resolve_device(device or header["device"])
     if dev.type != header["device"]:
         raise ConfigError(f"--device={dev.type} does not match the profile in {src} (measured on {header['device']})")
-    specs = [s for s in _resolve_models(models) if not s.is_dense]
     threads = int(header["torch_threads"])
     dtype = ops.default_dtype(dev)
+    specs = [truncated(dtype_consistent(s, dtype), header.get("profiled_layers", {}).get(s.name))
+             for s in _resolve_models(models)]
+    specs.sort(key=lambda s: s.is_dense)   # targets first: a drafter's overhead is measured drafting for one
     old_threads = torch.get_num_threads()
     torch.set_num_threads(threads)
     try:
         for spec in specs:
-            spec = truncated(dtype_consistent(spec, dtype), header.get("profiled_layers", {}).get(spec.name))
             if header.get("models", {}).get(spec.name) != model_signature(spec):
                 raise ConfigError(f"{src} holds no cost tables for model {spec.name} as configured; "
                                   f"run moesim-profile --models {spec.name}")
             prof = _Profiler(dev, dtype, sweep or (QUICK if header.get("quick") else FULL), threads, seed, log)
             mine = rows["model"] == spec.name
-            prof.rows = rows[mine & ~rows["op"].isin(EXECUTOR_OVERHEAD_OPS)].to_dict("records")
-            kept = len(prof.rows)
+            remeasured = ["layer_overhead"] if spec.is_dense else list(EXECUTOR_OVERHEAD_OPS)
+            target = next((t for t in specs if not t.is_dense and t.vocab_size == spec.vocab_size), None)
+            if spec.is_dense and target is not None:
+                remeasured.append("draft_pass_overhead")
+            prof.rows = rows[mine & ~rows["op"].isin(remeasured)].to_dict("records")
             prof.executor_overheads(spec)
-            rows = pd.concat([rows[~mine], rows[mine & ~rows["op"].isin(EXECUTOR_OVERHEAD_OPS)],
-                              pd.DataFrame(prof.rows[kept:], columns=PROFILE_COLUMNS)], ignore_index=True)
+            if "draft_pass_overhead" in remeasured and spec.is_dense:
+                prof.draft_overheads(spec, target)
+            rows = pd.concat([rows[~mine], pd.DataFrame(prof.rows, columns=PROFILE_COLUMNS)], ignore_index=True)
     finally:
         torch.set_num_threads(old_threads)
     now = _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")

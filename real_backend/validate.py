@@ -64,8 +64,9 @@ kernels) are reported. Policies that need the routing before a pass (``oracle``,
 ``speculating``, ``lookahead``) are refused.
 
 ``--recalibrate``: before anything is simulated, the executor-overhead rows of the validated
-models (``layer_overhead``, ``copy_overhead``, ``host_run_overhead``: the executor's pass time
-minus what the op tables say, from synthetic calibration runs, never a validated scenario) are
+models (``layer_overhead``, ``copy_overhead``, ``host_run_overhead``, and a draft model's
+``draft_pass_overhead``: the executor's time minus what the op tables say, from synthetic
+calibration runs, never a validated scenario) are
 measured again (``real_backend.profile.recalibrate``, ~1 min per model here) into ``OUT/profile``,
 a copy of the profile with those rows replaced; the simulator uses that copy. Those rows carry
 the machine's speed at the moment they are measured, and on a shared machine that speed drifts
@@ -187,10 +188,13 @@ def resolve_profile_dir(scenarios, profile_dir: Optional[str | Path], device: st
 def recalibrated_profile_dir(pdir: Path, scenarios, out: Path, device: Optional[str],
                              log: Callable[[str], None]) -> Path:
     """``--recalibrate``: the profile in ``pdir`` with the executor-overhead rows of the scenarios'
-    models measured again now (``real_backend.profile.recalibrate``), written to ``OUT/profile``."""
+    models (and draft models) measured again now (``real_backend.profile.recalibrate``), written to
+    ``OUT/profile``."""
     from .profile import recalibrate
 
     models = {sc.model.name: sc.model for sc in scenarios}   # the specs as configured (overrides included)
+    models.update({sc.draft_model.name: sc.draft_model for sc in scenarios
+                   if getattr(sc, "draft_model", None) is not None})
     log(f"recalibrating the executor overheads of {', '.join(sorted(models))} (from {pdir}) into "
         f"{out / RECALIBRATED_PROFILE}")
     return recalibrate(pdir, [models[m] for m in sorted(models)], out / RECALIBRATED_PROFILE, device,

@@ -412,6 +412,24 @@ def test_dense_draft_model_profiles_and_simulates_speculation(tmp_path):
     res = simulate(replace(sc, model=target, draft_model=draft))
     assert res.summary["spec_rounds"] > 0 and res.summary["draft_round_s"] > 0 and res.summary["reject_round_s"] > 0
 
+    # recalibrate: both models' executor-overhead rows again (the drafter's draft_pass_overhead
+    # drafting for the target), every op row as profiled, the input profile untouched.
+    before = (tmp_path / "profile.parquet").read_bytes()
+    said: list[str] = []
+    out = rp.recalibrate(tmp_path, [draft, target], tmp_path / "recalibrated", sweep=tiny, log=said.append)
+    assert any("tiny_draft: draft_pass_overhead" in line and "drafting for tiny_target" in line for line in said)
+    assert any(line.startswith("tiny_target: executor overheads") for line in said)
+    assert (tmp_path / "profile.parquet").read_bytes() == before
+    new = pd.read_parquet(out / "profile.parquet")
+    overheads = rows["op"].isin(rp.EXECUTOR_OVERHEAD_OPS)
+    key = ["model", "op", "phase", "tokens", "batch", "context", "bytes"]
+    pd.testing.assert_frame_equal(rows[~overheads].sort_values(key, na_position="first").reset_index(drop=True),
+                                  new[~new["op"].isin(rp.EXECUTOR_OVERHEAD_OPS)]
+                                  .sort_values(key, na_position="first").reset_index(drop=True), check_dtype=False)
+    count = lambda d: d[d["op"].isin(rp.EXECUTOR_OVERHEAD_OPS)].groupby(["model", "op"]).size().to_dict()  # noqa: E731
+    assert count(new) == count(rows) and ("tiny_draft", "draft_pass_overhead") in count(new)
+    assert json.loads((out / "profile.json").read_text())["recalibrated"]["models"] == ["tiny_target", "tiny_draft"]
+
 
 def test_hw_never_imports_torch():
     code = "import sys, hw.table, hw.system, sim.engine; sys.exit('torch' in sys.modules)"
