@@ -959,9 +959,14 @@ def recalibrate(profile_dir: str | Path, models: Sequence[str | ModelSpec], out_
     before it validates. Every other row (op tables, copies, launch and resume delays) is kept as
     profiled."""
     src, out = Path(profile_dir), Path(out_dir)
+    if out.resolve() == src.resolve():
+        raise ConfigError(f"the recalibrated profile must go to a new directory, not into {src} (its input)")
     header = json.loads((src / PROFILE_HEADER).read_text())
     rows = pd.read_parquet(src / PROFILE_PARQUET)
-    dev = ops.resolve_device(device or header["device"])
+    try:
+        dev = ops.resolve_device(device or header["device"])
+    except ValueError as exc:
+        raise ConfigError(f"--device={device or header['device']} is not usable here: {exc}") from None
     if dev.type != header["device"]:
         raise ConfigError(f"--device={dev.type} does not match the profile in {src} (measured on {header['device']})")
     threads = int(header["torch_threads"])

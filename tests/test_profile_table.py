@@ -415,6 +415,8 @@ def test_dense_draft_model_profiles_and_simulates_speculation(tmp_path):
     # recalibrate: both models' executor-overhead rows again (the drafter's draft_pass_overhead
     # drafting for the target), every op row as profiled, the input profile untouched.
     before = (tmp_path / "profile.parquet").read_bytes()
+    with pytest.raises(ConfigError, match="new directory"):
+        rp.recalibrate(tmp_path, [draft, target], tmp_path, sweep=tiny)
     said: list[str] = []
     out = rp.recalibrate(tmp_path, [draft, target], tmp_path / "recalibrated", sweep=tiny, log=said.append)
     assert any("tiny_draft: draft_pass_overhead" in line and "drafting for tiny_target" in line for line in said)
