@@ -65,7 +65,9 @@ synthetic requests with uniform routing, LRU; not any scenario that gets validat
   its bytes pollute. Measured as pairs of runs of one scenario (batch 1, 4 requests of 16 + 16
   tokens), every expert resident vs half of them (LRU) with the link capped at
   ``CALIBRATION_LINK_BPS`` on CPU: (non-stall time per decode pass, offloaded - resident) /
-  expert copies per pass; the median over ``overhead_pairs`` pairs (p10/p90 keep the spread).
+  expert copies per pass; the median over ``overhead_pairs`` pairs (p10/p90 keep the spread; 15 in
+  the full sweep: with 5, mini_qwen's median moved 0.04-0.22 ms between calibrations minutes
+  apart, with 15 0.09-0.11 ms).
   Measured here (2026-12-04): 0.67 ms per 11 MB mini_mixtral copy, 0.13 ms per 1.5 MB mini_qwen
   copy (earlier profiles: 0.15-0.3 ms for both). In the executor's timelines that time falls after
   the copy lands (the thread resuming, the ops after it running on caches the copy's bytes went
@@ -204,7 +206,7 @@ FULL = Sweep(
     warmup=1, min_passes=3, max_passes=12, pass_budget_s=0.2,
     min_repeats=5, max_repeats=60, budget_s=0.15,
     kv_budget_bytes=1.0e9, copy_pool_bytes=256 * MB,
-    overhead_batches=(1, 2, 4, 8, 16, 32, 64), overhead_pairs=5, overhead_repeats=4)
+    overhead_batches=(1, 2, 4, 8, 16, 32, 64), overhead_pairs=15, overhead_repeats=4)
 
 QUICK = Sweep(
     expert_tokens=(1, 4, 16, 64, 256),
