@@ -33,8 +33,9 @@ The loop (``sim.loop.ServingLoop``) decides each pass and counts; the offload pr
   has landed, at the stream's next point: right after a wait for a copy, at each MoE layer's
   start, before the LM head (in the executor that cost falls after the copy: landing it, and the
   ops that run on caches its bytes went through; 2026-12-04 timelines, README "Validation"). The
-  copy engine starts each copy ``overheads.copy_launch_s`` after its turn, and a stream blocked on a copy resumes
-  ``overheads.copy_resume_s`` after it lands (counted as stall); 0 for the roofline. The part of
+  copy engine starts each copy ``overheads.copy_launch_s`` after its turn, and a stream blocked
+  on a copy resumes ``overheads.copy_resume_s`` after it lands (counted as stall); 0 for the
+  roofline. The part of
   an expert that runs while the copy engine has copies running or queued takes
   ``overheads.copy_contention`` times longer (the executor's copy thread slowing its compute
   thread, measured by ``moesim-profile``; 1 for the roofline), booked as expert compute.
@@ -526,34 +527,36 @@ class Engine:
     def _resident_experts(self, acc: LayerAccess, pc: _PassCosts, t: PassTimes) -> float:
         """``_experts`` of a layer whose experts are all resident: no wait, only sums (routing order)."""
         ready, expert_s, cached = pc.shared_s, t.expert_compute_s, self._expert_s
-        contended = self._contends and self.copier.busy_until_s() > self.env._now
+        busy_until_s = self.copier.busy_until_s() if self._contends else 0.0   # no copy is ordered below
+        contended = busy_until_s > self.env._now
         for n in acc.counts:
             x = cached.get(n)
             if x is None:
                 x = self._expert_time(n)
             if contended:
-                x = self._contended_s(self.env._now + ready, x, n)
+                x = self._contended_s(self.env._now + ready, x, n, busy_until_s)
             expert_s += x
             ready += x
         t.expert_compute_s = expert_s
         return ready + pc.combine_s
 
     def _run_contended_s(self, start_s: float, x: float, tokens: int, t: PassTimes) -> float:
-        """``_contended_s`` for an expert whose uncontended ``x`` is booked already: books the extra."""
-        stretched = self._contended_s(start_s, x, tokens)
+        """``_contended_s`` for an expert whose uncontended ``x`` is booked already (it waited for a
+        copy, so the copy engine's queue is asked now): books the extra."""
+        stretched = self._contended_s(start_s, x, tokens, self.copier.busy_until_s())
         if stretched != x:
             t.expert_compute_s += stretched - x
         return stretched
 
-    def _contended_s(self, start_s: float, x: float, tokens: int) -> float:
+    def _contended_s(self, start_s: float, x: float, tokens: int, busy_until_s: float) -> float:
         """An expert of ``tokens`` with ``x`` seconds of work, starting at ``start_s``: the part that
-        runs before the copy engine's queued and running copies are done takes
-        ``overheads.copy_contention`` times longer (the executor's copy thread slowing its compute
-        thread); the rest runs at full speed."""
+        runs before ``busy_until_s`` (when the copy engine's queued and running copies are done)
+        takes ``overheads.copy_contention`` times longer (the executor's copy thread slowing its
+        compute thread); the rest runs at full speed."""
         factor = self._contention.get(tokens)
         if factor is None:
             factor = self._contention[tokens] = self.overheads.copy_contention(self.model, tokens, self._h2d)
-        busy_s = self.copier.busy_until_s() - start_s
+        busy_s = busy_until_s - start_s
         if factor == 1.0 or busy_s <= 0.0:
             return x
         slow_work_s = busy_s / factor   # the work that fits before the copies are done
@@ -565,6 +568,9 @@ class Engine:
         env, layer = self.env, acc.layer
         ready = pc.shared_s
         contends = self._contends
+        # Nothing below submits a copy before the first wait (host runs start when the stream
+        # yields), so the copy engine's busy period is the same for every expert up to there.
+        busy_until_s = self.copier.busy_until_s() if contends else 0.0
         waits, host_jobs, inline_host_s = [], [], 0.0
         # Membership tests on the layer's few copied / host-run / staged experts (empty: a tuple).
         waiting = set(acc.waiting)
@@ -585,7 +591,7 @@ class Engine:
                 waits.append((self.copies.job((layer, e)), x, e in staged, n))
                 continue
             if contends:
-                x = self._contended_s(env._now + ready, x, n)
+                x = self._contended_s(env._now + ready, x, n, busy_until_s)
             t.expert_compute_s += x
             ready += x
         acc_s = ready
