@@ -6,7 +6,8 @@
 Each case is run ``--repeats`` times in this process and the median is printed. Request
 generation is not timed; the engine run is (prefill passes included, so steps/s is a lower bound
 for decode alone), in wall seconds and in this process's CPU seconds (``time.process_time``: what
-another process on a shared core does not add; ``steps/cpu s``). Figures depend on the machine and its load: quote medians from one run.
+another process on a shared core does not add; ``steps/cpu s``). Figures depend on the machine
+and its load: quote medians from one run.
 """
 
 from __future__ import annotations
@@ -54,7 +55,8 @@ def main() -> None:
         steps = args.decode_steps if batch == 1 else max(64, args.decode_steps // 16)
         r = measure(args.model, batch, steps, args.repeats)
         print(f"{r['model']:<16} {r['batch']:>5} {r['decode_steps']:>12} {r['events']:>9} {r['wall_s']:>8.3f} "
-              f"{r['steps_per_s']:>9.0f} {r['events_per_s']:>10.0f} {r['steps_per_cpu_s']:>11.0f} {r['hit_rate']:>8.3f}")
+              f"{r['steps_per_s']:>9.0f} {r['events_per_s']:>10.0f} {r['steps_per_cpu_s']:>11.0f} "
+              f"{r['hit_rate']:>8.3f}")
 
 
 if __name__ == "__main__":

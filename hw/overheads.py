@@ -1,10 +1,11 @@
 """What the serving engine's host code costs beyond the ops: the executor's measured overheads.
 
 A cost model (``hw.cost.CostModel``) times the operations of a forward pass. The five figures
-here are not operations of the model but of the engine that runs it: what a copy costs the
-real executor's compute stream besides waiting for it (paid once the copy has landed), its copy thread's wake-up before a copy starts, the compute
-stream's resume after a copy it waited for, how much slower an expert runs while the copy thread
-copies (``copy_contention``, a factor), and what a draft-model pass costs beyond its ops. An
+here are not operations of the model but of the engine that runs it: what a copy costs the real
+executor's compute stream besides waiting for it (paid once the copy has landed), its copy
+thread's wake-up before a copy starts, the compute stream's resume after a copy it waited for,
+how much slower an expert runs while the copy thread copies (``copy_contention``, a factor), and
+what a draft-model pass costs beyond its ops. An
 ideal engine (the roofline's world) has none of them (``NO_OVERHEADS``); only configurations
 driven by tables that ``moesim-profile`` measured carry real ones (``hw.table.TableOverheads``,
 ``Table.overheads``). The SimPy backend asks ``overheads_of(cost)``. Seconds throughout.

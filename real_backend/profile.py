@@ -142,7 +142,7 @@ import numpy as np
 import pandas as pd
 import torch
 
-from hw.table import PROFILE_COLUMNS, PROFILE_CSV, PROFILE_HEADER, PROFILE_PARQUET, model_signature
+from hw.table import COPYING_PHASE, PROFILE_COLUMNS, PROFILE_CSV, PROFILE_HEADER, PROFILE_PARQUET, model_signature
 from workloads.io import check_outputs
 from workloads.model import ModelSpec
 from workloads.validation import ConfigError
@@ -158,7 +158,6 @@ DEFAULT_MODELS = ("mini_mixtral", "mini_qwen", "mini_draft")   # mini_draft: the
 MB = 1 << 20
 DRAFT_OUTPUT_LEN = 12         # draft_pass_overhead runs: generated tokens per request ...
 DRAFT_K, DRAFT_ALPHA = 3, 0.6  # ... static K and acceptance
-COPYING_PHASE = "copying"     # expert passes while the executor's copy engine copies (hw.table reads it)
 
 
 @dataclass(frozen=True)
@@ -985,14 +984,16 @@ def recalibrate(profile_dir: str | Path, models: Sequence[str | ModelSpec], out_
                                   f"run moesim-profile --models {spec.name}")
             prof = _Profiler(dev, dtype, sweep or (QUICK if header.get("quick") else FULL), threads, seed, log)
             mine = rows["model"] == spec.name
-            remeasured = ["layer_overhead"] if spec.is_dense else list(EXECUTOR_OVERHEAD_OPS)
-            target = next((t for t in specs if not t.is_dense and t.vocab_size == spec.vocab_size), None)
-            if spec.is_dense and target is not None:
+            drafts_for = (next((t for t in specs if not t.is_dense and t.vocab_size == spec.vocab_size), None)
+                          if spec.is_dense else None)
+            remeasured = (["layer_overhead"] if spec.is_dense else ["layer_overhead", "copy_overhead",
+                                                                     "host_run_overhead"])
+            if drafts_for is not None:
                 remeasured.append("draft_pass_overhead")
-            prof.rows = rows[mine & ~rows["op"].isin(remeasured)].to_dict("records")
+            prof.rows = rows[mine & ~rows["op"].isin(remeasured)].to_dict("records")   # kept as profiled
             prof.executor_overheads(spec)
-            if "draft_pass_overhead" in remeasured and spec.is_dense:
-                prof.draft_overheads(spec, target)
+            if drafts_for is not None:
+                prof.draft_overheads(spec, drafts_for)
             rows = pd.concat([rows[~mine], pd.DataFrame(prof.rows, columns=PROFILE_COLUMNS)], ignore_index=True)
     finally:
         torch.set_num_threads(old_threads)
