@@ -538,13 +538,13 @@ class RealExecutor:
                 gc.enable()
             rt.close()
             torch.set_num_threads(old_threads)
-        steps, reqs = self.loop.frames()
+        steps, reqs = self.loop.records()
         parts = ["attention_s", "expert_compute_s", "other_compute_s", "copy_stall_s", "host_stall_s", "draft_s",
                  "reject_s"] + ([] if self._host_inline else ["host_expert_s"])   # on CPU: inside host_stall_s
         extra = {"sim_wall_s": time.perf_counter() - wall0, "events": 0, "engine": "real",
                  "device": self.device.type, "torch_threads": self.threads or torch.get_num_threads(),
                  "copy_worker_sched": sched, "copy_engine_busy_s": copy_busy,
-                 "overhead_s": float((steps["duration_s"] - steps[parts].sum(axis=1)).sum())}
+                 "overhead_s": float(np.sum(steps["duration_s"] - np.sum([steps[p] for p in parts], axis=0)))}
         summary = self.loop.summary(steps, reqs, self.memory, extra)
         if self.timeline is not None:
             track = f"copy {HOST}->{gpu_node(sc.sim.gpu)}"

@@ -85,8 +85,8 @@ def write_outputs(result, out_dir: Path, written: Optional[list] = None) -> None
         atomic_write(out_dir / name, write)
         written.append(out_dir / name)
 
-    put("steps.parquet", lambda p: result.steps.to_parquet(p, index=False))
-    put("requests.parquet", lambda p: result.requests.to_parquet(p, index=False))
+    put("steps.parquet", result.step_records.write_parquet)
+    put("requests.parquet", result.request_records.write_parquet)
     if result.timeline is not None:
         put("timeline.json", lambda p: p.write_text(json.dumps({"traceEvents": result.timeline,
                                                                  "displayTimeUnit": "ms"})))

@@ -80,6 +80,7 @@ from .cache_controller import CacheController, CopyOrder, LayerAccess
 from .future import RecordedFuture
 from .loop import REQUEST_COLUMNS, STEP_COLUMNS, Idle, PassTimes, ServingLoop, Step, layer_routing, plan_run_memory
 from .memory import STAGING_EXPERTS, ExpertCache, MemoryBudget
+from .records import Records
 from .policies.base import PrefetchConfig, PrefetchPolicy, prefetch_policy_class
 from .policies.speculation import SpeculationPolicy, speculation_policy_class
 from .scenario import Scenario
@@ -301,13 +302,28 @@ def _job_label(tag) -> str:
 
 @dataclass
 class RunResult:
-    """Everything a run produced: records, summary, optional timeline, memory plan."""
+    """Everything a run produced: records, summary, optional timeline, memory plan.
 
-    steps: Any   # pandas.DataFrame, sim.loop.STEP_COLUMNS
-    requests: Any   # pandas.DataFrame, sim.loop.REQUEST_COLUMNS
+    ``step_records`` / ``request_records``: the records as columns (``sim.records.Records``,
+    ``sim.loop.STEP_COLUMNS`` / ``REQUEST_COLUMNS``); ``steps`` / ``requests``: the same as pandas
+    DataFrames, built on first use (a run that only writes its files never imports pandas).
+    """
+
+    step_records: Records
+    request_records: Records
     summary: dict[str, Any]
     memory: MemoryBudget
     timeline: Optional[list] = None
+
+    @property
+    def steps(self):
+        """The step records as a pandas DataFrame (one row per pass)."""
+        return self.step_records.frame()
+
+    @property
+    def requests(self):
+        """The request records as a pandas DataFrame (one row per request)."""
+        return self.request_records.frame()
 
 
 @dataclass
@@ -393,7 +409,7 @@ class Engine:
         env.process(self._serve(loop))
         env.run()
         self.recorded_passes, self.recorded_compositions = loop.recorded_passes, loop.recorded_compositions
-        steps, reqs = loop.frames()
+        steps, reqs = loop.records()
         extra = {"sim_wall_s": 0.0, "events": _events_scheduled(env), "copy_engine_busy_s": self.copier.busy_s,
                  "host_cpu_busy_s": self.host.busy_s}
         summary = loop.summary(steps, reqs, self.memory, extra)
@@ -492,7 +508,7 @@ class Engine:
                 continue
             ids, counts = routing[m]
             pending += attention_s + router_s
-            if landing_cost:
+            if landing_cost and self.copies.landed != self._copies_paid:
                 pending += self._landed_copies_s(t)
             t.attention_s += attention_s
             t.other_compute_s += moe_other_s

@@ -41,6 +41,7 @@ from .cache_controller import LayerAccess, StepCounters
 from .memory import MemoryBudget, default_activation_bytes, plan_memory
 from .policies.base import PrefetchPolicy, StepInfo
 from .policies.speculation import RoundResult, SpecContext, SpeculationPolicy
+from .records import Records
 from .scenario import Scenario
 from .schedulers import RunningRequest, Scheduler, build_scheduler
 from .speculation import Drafter, RejectedRouting, Round, plan_round, spec_columns
@@ -307,14 +308,11 @@ class ServingLoop:
             self._bar.update(1)
 
     # ------------------------------------------------------------------ records
-    def frames(self):
-        """The step and request records as DataFrames (one schema for both engines)."""
-        import pandas as pd
+    def records(self) -> tuple[Records, Records]:
+        """The step and request records as columns (one schema for both engines; ``sim.records``)."""
+        return Records.from_rows(self.step_rows, STEP_COLUMNS), Records.from_rows(self.request_rows, REQUEST_COLUMNS)
 
-        return (pd.DataFrame(self.step_rows, columns=STEP_COLUMNS),
-                pd.DataFrame(self.request_rows, columns=REQUEST_COLUMNS))
-
-    def summary(self, steps, reqs, memory: MemoryBudget, extra: Mapping[str, Any]) -> dict[str, Any]:
+    def summary(self, steps: Records, reqs: Records, memory: MemoryBudget, extra: Mapping[str, Any]) -> dict[str, Any]:
         """``sim.metrics.summarize`` of the records, then the backend's ``extra`` keys, the policies'
         reports, the memory plan and the scenario's choices: the same keys from both engines."""
         from .metrics import summarize

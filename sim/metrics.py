@@ -26,34 +26,37 @@ import math
 from typing import Any
 
 import numpy as np
-import pandas as pd
 
 
-def _mean(series: pd.Series) -> float:
-    s = series.dropna()
-    return float(s.mean()) if len(s) else float("nan")
+def _mean(values) -> float:
+    """Mean of the non-NaN values (NaN when there are none)."""
+    x = np.asarray(values, dtype=np.float64)
+    x = x[~np.isnan(x)]
+    return float(x.mean()) if x.size else float("nan")
 
 
-def _pct(series: pd.Series, q: float) -> float:
-    s = series.dropna()
-    return float(np.percentile(s, q)) if len(s) else float("nan")
+def _pct(values, q: float) -> float:
+    x = np.asarray(values, dtype=np.float64)
+    x = x[~np.isnan(x)]
+    return float(np.percentile(x, q)) if x.size else float("nan")
 
 
-def full_batch(rows: pd.DataFrame, decode: pd.DataFrame | None = None) -> pd.DataFrame:
-    """The rows at the largest batch size of ``decode`` (default: of ``rows`` themselves)."""
-    ref = rows if decode is None else decode
-    return rows[rows["batch_size"] == ref["batch_size"].max()] if len(ref) else rows
+def _total(values) -> float:
+    """Sum skipping NaN, as a float."""
+    return float(np.nansum(np.asarray(values, dtype=np.float64)))
 
 
-def _round_times(drafted: pd.DataFrame) -> dict[str, float]:
+def _round_times(steps, rows: np.ndarray) -> dict[str, float]:
     """Mean verify pass (a drafting round minus its drafting and rejection sampling), drafting and
-    rejection-sampling time per drafting round."""
-    return {"verify_step": _mean(drafted["duration_s"] - drafted["draft_s"] - drafted["reject_s"]),
-            "draft_round": _mean(drafted["draft_s"]), "reject_round": _mean(drafted["reject_s"])}
+    rejection-sampling time per drafting round, over the ``rows`` (a mask) of ``steps``."""
+    draft, reject = np.asarray(steps["draft_s"])[rows], np.asarray(steps["reject_s"])[rows]
+    return {"verify_step": _mean(np.asarray(steps["duration_s"])[rows] - draft - reject),
+            "draft_round": _mean(draft), "reject_round": _mean(reject)}
 
 
-def summarize(steps: pd.DataFrame, requests: pd.DataFrame) -> dict[str, Any]:
-    """Summary metrics (summary.json's keys, DESIGN.md) computed from the records alone.
+def summarize(steps, requests) -> dict[str, Any]:
+    """Summary metrics (summary.json's keys, DESIGN.md) computed from the records alone: ``steps`` and
+    ``requests`` are ``sim.records.Records`` or DataFrames (anything whose ``[column]`` numpy reads).
 
     tpot_s: mean over requests of (finish - first token) / (output_len - 1), requests with
         output_len > 1 only. ttft_s: mean over requests of first token - arrival.
@@ -80,57 +83,62 @@ def summarize(steps: pd.DataFrame, requests: pd.DataFrame) -> dict[str, Any]:
     tail of a run, where only a few stragglers are left, has smaller batches; MoESD's target
     efficiency is defined at one batch size, so it is computed from these (``speculation_gains``).
     """
-    prefetches = float(steps["prefetches"].sum())
-    useful = float(steps["useful_prefetches"].sum())
-    demand = float(steps["demand_loads"].sum())
-    decode = steps[steps["phase"] == "decode"]
-    prefill = steps[steps["phase"] == "prefill"]
-    accesses = float(steps["hits"].sum() + steps["misses"].sum())
-    span = float(requests["finish_s"].max() - requests["arrival_s"].min()) if len(requests) else 0.0
-    generated = float(requests["output_len"].sum())
+    col = lambda name: np.asarray(steps[name])  # noqa: E731
+    req = lambda name: np.asarray(requests[name])  # noqa: E731
+    prefetches, useful, demand = (_total(col(n)) for n in ("prefetches", "useful_prefetches", "demand_loads"))
+    phase = np.asarray(steps["phase"], dtype=object)
+    decode, prefill = phase == "decode", phase == "prefill"
+    batch = col("batch_size")
+    full_size = int(batch[decode].max()) if decode.any() else None
+    full = decode & (batch == full_size) if decode.any() else decode   # decode passes at the full batch
+    hits = _total(col("hits"))
+    accesses = hits + _total(col("misses"))
+    span = float(np.nanmax(req("finish_s")) - np.nanmin(req("arrival_s"))) if len(requests) else 0.0
+    generated = _total(req("output_len"))
+    duration = col("duration_s")
     out = {
-        "tpot_s": _mean(requests["tpot_s"]),
-        "tpot_p50_s": _pct(requests["tpot_s"], 50),
-        "tpot_p99_s": _pct(requests["tpot_s"], 99),
-        "ttft_s": _mean(requests["ttft_s"]),
-        "ttft_p50_s": _pct(requests["ttft_s"], 50),
-        "ttft_p99_s": _pct(requests["ttft_s"], 99),
+        "tpot_s": _mean(req("tpot_s")),
+        "tpot_p50_s": _pct(req("tpot_s"), 50),
+        "tpot_p99_s": _pct(req("tpot_s"), 99),
+        "ttft_s": _mean(req("ttft_s")),
+        "ttft_p50_s": _pct(req("ttft_s"), 50),
+        "ttft_p99_s": _pct(req("ttft_s"), 99),
         "throughput_tok_s": generated / span if span > 0 else float("nan"),
-        "decode_tokens": int(decode["committed_tokens"].sum() if "committed_tokens" in decode
-                             else decode["batch_size"].sum()),
+        "decode_tokens": int(np.sum(col("committed_tokens" if "committed_tokens" in steps else "batch_size")[decode])),
         "requests": int(len(requests)),
         "iterations": int(len(steps)),
-        "simulated_time_s": float(steps["end_s"].max()) if len(steps) else 0.0,
-        "decode_step_s": _mean(decode["duration_s"]),
-        "full_batch_size": int(decode["batch_size"].max()) if len(decode) else None,
-        "decode_step_full_batch_s": _mean(full_batch(decode)["duration_s"]),
-        "expert_hit_rate": float(steps["hits"].sum()) / accesses if accesses else float("nan"),
-        "h2d_bytes": float(steps["h2d_bytes"].sum()),
-        "demand_bytes": float(steps["demand_bytes"].sum()),
-        "prefetch_bytes": float(steps["prefetch_bytes"].sum()),
-        "wasted_prefetch_bytes": float(steps["wasted_prefetch_bytes"].sum()),
-        "copy_stall_s": float(steps["copy_stall_s"].sum()),
-        "host_stall_s": float(steps["host_stall_s"].sum()),
-        "host_runs": int(steps["host_runs"].sum()),
+        "simulated_time_s": float(np.nanmax(col("end_s"))) if len(steps) else 0.0,
+        "decode_step_s": _mean(duration[decode]),
+        "full_batch_size": full_size,
+        "decode_step_full_batch_s": _mean(duration[full]),
+        "expert_hit_rate": hits / accesses if accesses else float("nan"),
+        "h2d_bytes": _total(col("h2d_bytes")),
+        "demand_bytes": _total(col("demand_bytes")),
+        "prefetch_bytes": _total(col("prefetch_bytes")),
+        "wasted_prefetch_bytes": _total(col("wasted_prefetch_bytes")),
+        "copy_stall_s": _total(col("copy_stall_s")),
+        "host_stall_s": _total(col("host_stall_s")),
+        "host_runs": int(_total(col("host_runs"))),
         "prefetches": int(prefetches),
         "prefetch_precision": useful / prefetches if prefetches else float("nan"),
         "prefetch_recall": useful / (useful + demand) if useful + demand else float("nan"),
-        "attention_s": float(steps["attention_s"].sum()),
-        "expert_compute_s": float(steps["expert_compute_s"].sum()),
-        "mean_active_experts": _mean(decode["active_experts_mean"]),
-        "mean_active_experts_prefill": _mean(prefill["active_experts_mean"]),
+        "attention_s": _total(col("attention_s")),
+        "expert_compute_s": _total(col("expert_compute_s")),
+        "mean_active_experts": _mean(col("active_experts_mean")[decode]),
+        "mean_active_experts_prefill": _mean(col("active_experts_mean")[prefill]),
     }
-    if "draft_tokens" in steps and steps["draft_tokens"].sum() > 0:
-        drafted = decode[decode["draft_tokens"] > 0]
+    if "draft_tokens" in steps and _total(col("draft_tokens")) > 0:
+        drafted = decode & (col("draft_tokens") > 0)
+        accepted = _total(col("accepted_tokens")[drafted])
         out.update({
-            "spec_rounds": int(len(drafted)),
-            "mean_spec_k": _mean(decode["spec_k"]),
-            "acceptance_rate": float(drafted["accepted_tokens"].sum() / drafted["draft_tokens"].sum()),
-            "accepted_tokens_per_round": float(drafted["accepted_tokens"].sum() / drafted["drafting_requests"].sum()),
-            "committed_tokens_per_round": float(decode["committed_tokens"].sum() / decode["batch_size"].sum()),
-            **{f"{name}_s": value for name, value in _round_times(drafted).items()},
-            **{f"{name}_full_batch_s": value for name, value in _round_times(full_batch(drafted, decode)).items()},
-            "draft_s": float(steps["draft_s"].sum()),
-            "reject_s": float(steps["reject_s"].sum()),
+            "spec_rounds": int(drafted.sum()),
+            "mean_spec_k": _mean(col("spec_k")[decode]),
+            "acceptance_rate": accepted / _total(col("draft_tokens")[drafted]),
+            "accepted_tokens_per_round": accepted / _total(col("drafting_requests")[drafted]),
+            "committed_tokens_per_round": _total(col("committed_tokens")[decode]) / _total(batch[decode]),
+            **{f"{name}_s": value for name, value in _round_times(steps, drafted).items()},
+            **{f"{name}_full_batch_s": value for name, value in _round_times(steps, drafted & full).items()},
+            "draft_s": _total(col("draft_s")),
+            "reject_s": _total(col("reject_s")),
         })
     return {k: (None if isinstance(v, float) and math.isnan(v) else v) for k, v in out.items()}
