@@ -186,19 +186,15 @@ class CacheController:
         self.layer = layer
         plan = policy.on_routed(step, layer, ids, predicted, cache, counts)
         acc = LayerAccess(layer, ids, counts)
-        # Serving a miss changes no other key's residency (copies land later, victims are never
-        # pinned), so the hits can be taken first and the misses served after, in routing order.
-        resident, unused = cache.resident, self._unused_prefetch
-        acc.hits = hits = [e for key, e in zip(keys, ids) if key in resident]
-        if unused:
-            for key in keys:
-                if key in unused and key in resident:
+        resident, unused, hits = cache.resident, self._unused_prefetch, acc.hits
+        for key, e, n in zip(keys, ids, counts):
+            if key in resident:
+                hits.append(e)
+                if unused and key in unused:
                     unused.discard(key)
                     c.useful_prefetches += 1
-        if len(hits) < len(keys):
-            for key, e, n in zip(keys, ids, counts):
-                if key not in resident:
-                    self._serve_miss(acc, key, e, n)
+            else:
+                self._serve_miss(acc, key, e, n)
         c.hits += len(hits)
         if plan:  # prefetches queue behind this layer's demand loads, ordered just above
             self.execute(plan)

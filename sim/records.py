@@ -16,7 +16,6 @@ None, read as NaN) -> float64; strings -> an object array of str; lists of ints 
 
 from __future__ import annotations
 
-import numbers
 from typing import Any, Sequence
 
 import numpy as np
@@ -24,14 +23,19 @@ import numpy as np
 
 def _column(name: str, values: list) -> Any:
     """One column's values as an int64 / float64 array, an object array of str, or a list of lists."""
-    if all(isinstance(v, (int, np.integer)) and not isinstance(v, (bool, np.bool_)) for v in values):
-        return np.array(values, dtype=np.int64)
-    if all(v is None or (isinstance(v, numbers.Real) and not isinstance(v, (bool, np.bool_))) for v in values):
-        return np.array([np.nan if v is None else v for v in values], dtype=np.float64)
-    if all(isinstance(v, str) for v in values):
-        return np.array(values, dtype=object)
-    if all(isinstance(v, list) and all(isinstance(x, (int, np.integer)) for x in v) for v in values):
+    if values and isinstance(values[0], str):
+        if all(isinstance(v, str) for v in values):
+            return np.array(values, dtype=object)
+    elif values and isinstance(values[0], list):
         return list(values)
+    else:
+        a = np.array(values)   # numbers: int64 when all are ints, float64 when one is a float
+        if a.dtype == object:  # None among numbers: NaN
+            a = np.array([np.nan if v is None else v for v in values])
+        if a.dtype.kind == "i" or a.dtype.kind == "u":
+            return a.astype(np.int64, copy=False)
+        if a.dtype.kind == "f":
+            return a.astype(np.float64, copy=False)
     raise TypeError(f"record column {name!r} holds values of no supported type (ints, numbers, str, lists of ints)")
 
 
