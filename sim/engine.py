@@ -44,7 +44,9 @@ The loop (``sim.loop.ServingLoop``) decides each pass and counts; the offload pr
   layers fetch each missing expert once for the whole round), rejection sampling; the loop commits.
 
 Events are spent only where something can happen: one per copy or host job (its end, fixed as
-soon as nothing can overtake it, ``PriorityServer``), a timeout up to a MoE layer's router only
+soon as nothing can overtake it, ``PriorityServer``; a staging copy waiting for a buffer is fixed
+when the stream knows when that buffer comes free, unless something else may reach the copy
+engine first: ``SimCopies.release_at``), a timeout up to a MoE layer's router only
 when some other event is due before it (otherwise the clock just moves on by the same sum SimPy
 would form, ``Engine._forward``), and a
 timeout before a copy wait only when the copy lands before the ready compute is done; everything
@@ -145,17 +147,42 @@ class PriorityServer:
     def submit(self, nbytes: float, priority: int, tag: Any = None) -> _Job:
         """Queue a job of ``nbytes`` (tokens for the host CPU); the returned job is an event that
         fires when it is done, after ``on_done(tag)``. ``tag`` also names it in the timeline."""
+        job = self.job(nbytes, priority, tag)
+        self.submit_job(job)
+        return job
+
+    def job(self, nbytes: float, priority: int, tag: Any = None) -> _Job:
+        """A job not queued yet (``submit_job`` queues it); one may wait on it already."""
         if priority < 0:
             raise ValueError(f"job priority {priority} is invalid; 0 (the top) or more")
-        job = _Job(self.env, nbytes, priority, self._seq, tag)
+        return _Job(self.env, nbytes, priority, 0, tag)
+
+    def submit_job(self, job: _Job) -> None:
+        """Queue ``job`` (from ``job``) now: FIFO order within its priority counts from here."""
+        job.seq = self._seq
         self._seq += 1
+        priority = job.priority
         if self._fixed == 0:          # idle: it starts now
             self._fix(job, self.env._now, True)
         elif priority == 0:           # behind the fixed jobs, before every queued one; nothing overtakes it
             self._fix(job, self._tail_s, False)
         else:
             heapq.heappush(self._queue, job)
-        return job
+
+    def fix_as_of(self, job: _Job, submit_s: float) -> bool:
+        """Fix the start of a top-priority ``job`` now, as ``submit_job`` would at ``submit_s`` (>= now),
+        for a caller that knows nothing else reaches this server before then. Done only when
+        nothing is queued and ``submit_s`` is not the end of the last fixed job (a tie, whose
+        order the events would decide); returns whether it was done."""
+        if job.priority != 0 or self._queue or (self._fixed and self._tail_s == submit_s):
+            return False
+        job.seq = self._seq
+        self._seq += 1
+        if self._fixed == 0 or self._tail_s < submit_s:   # idle by then: it starts at submit_s
+            self._fix(job, submit_s, True)
+        else:                                             # behind the fixed jobs
+            self._fix(job, self._tail_s, False)
+        return True
 
     def busy_until_s(self) -> float:
         """When the jobs running and queued now will all be done (now if idle; queued jobs run back
@@ -214,12 +241,6 @@ def _span(name: str, cat: str, start_s: float, dur_s: float, track: str) -> dict
             "pid": 1, "tid": track}
 
 
-class _StagedCopy(simpy.Event):
-    """A staging copy waiting for a free staging buffer: fires when its copy, once submitted, is done."""
-
-    end_s: Optional[float] = None   # not fixed while it waits (the engine then waits on the event)
-
-
 class SimCopies:
     """The SimPy backend's ``CopySink``: copy orders become jobs on the host->GPU copy engine
     (tagged with the order); a copy into a slot tells the controller when it lands (staging
@@ -237,7 +258,7 @@ class SimCopies:
         self._jobs: dict = {}   # copies into slots, until landed; staging copies of the open layer
         self._staging_free = staging_buffers
         self._free_at: list[float] = []     # heap: when held buffers nobody waits for come free
-        self._staging_backlog: collections.deque = collections.deque()   # (order, _StagedCopy)
+        self._staging_backlog: collections.deque = collections.deque()   # staging jobs not queued yet
         self._claims = 0                    # release events scheduled for backlog entries, not fired yet
         self.landed = 0                     # expert copies landed so far (staging ones too)
 
@@ -248,21 +269,29 @@ class SimCopies:
                 heapq.heappop(self._free_at)
                 self._staging_free += 1
             if not self._staging_free:
-                waiting = _StagedCopy(self.h2d.env)
-                self._staging_backlog.append((order, waiting))
-                self._jobs[order.key] = waiting
+                # its job, queued when a buffer is free (its end is not fixed till then: the
+                # engine waits on the event)
+                self._jobs[order.key] = job = self.h2d.job(order.nbytes, order.priority, order)
+                self._staging_backlog.append(job)
                 if self._free_at:   # a buffer whose release time is known already: it goes to this one
                     self._schedule_release(heapq.heappop(self._free_at))
                 return
             self._staging_free -= 1
         self._jobs[order.key] = self.h2d.submit(order.nbytes, order.priority, order)
 
-    def release_at(self, time_s: float) -> None:
+    def release_at(self, time_s: float, alone: bool = False) -> None:
         """A staged expert's compute ends at ``time_s``: its staging buffer is free from then on. Only
         a buffer a waiting copy will take costs an event (the copy is submitted then); otherwise the
-        time is kept and the buffer counted free when the next staging copy is ordered."""
+        time is kept and the buffer counted free when the next staging copy is ordered.
+
+        ``alone``: the caller (the compute stream) vouches that nothing but itself submits to the
+        copy engine or reads its queue before ``time_s``. Then the waiting copy, if the engine has
+        nothing queued and no earlier release is pending, is fixed now as it would be at
+        ``time_s`` (``PriorityServer.fix_as_of``), and no release event is spent."""
         if len(self._staging_backlog) <= self._claims:
             heapq.heappush(self._free_at, time_s)
+        elif alone and not self._claims and self.h2d.fix_as_of(self._staging_backlog[0], time_s):
+            self._staging_backlog.popleft()
         else:
             self._schedule_release(time_s)
 
@@ -275,9 +304,7 @@ class SimCopies:
 
     def _release(self, _event) -> None:
         self._claims -= 1
-        order, waiting = self._staging_backlog.popleft()   # the freed buffer passes straight to it
-        job = self.h2d.submit(order.nbytes, order.priority, order)
-        job.callbacks.append(lambda _job: waiting.succeed())
+        self.h2d.submit_job(self._staging_backlog.popleft())   # the freed buffer passes straight to it
 
     def _landed(self, tag) -> None:
         if isinstance(tag, CopyOrder):
@@ -592,8 +619,9 @@ class Engine:
         waiting = set(acc.waiting)
         host = set(acc.host) if acc.host else ()
         staged = set(acc.staged) if acc.staged else ()
+        cached, expert_s = self._expert_s, t.expert_compute_s   # summed here, in routing order
         for e, n in zip(acc.ids, acc.counts):   # routing order: the sums add up as they always did
-            if e in host:
+            if host and e in host:
                 h = self._host_expert_s(n)
                 t.host_expert_s += h
                 if self._host_is_device:   # the same core: after the layer's other experts
@@ -601,23 +629,29 @@ class Engine:
                 else:
                     host_jobs.append(env.process(self._run_on_host(layer, e, n)))
                 continue
-            x = self._expert_time(n)
+            x = cached.get(n)
+            if x is None:
+                x = self._expert_time(n)
             if e in waiting:   # its contention, if any, is booked when it runs
-                t.expert_compute_s += x
+                expert_s += x
                 waits.append((self.copies.job((layer, e)), x, e in staged, n))
                 continue
             if contends:
                 x = self._contended_s(env._now + ready, x, n, busy_until_s)
-            t.expert_compute_s += x
+            expert_s += x
             ready += x
+        t.expert_compute_s = expert_s
         acc_s = ready
+        # Until the layer's end nothing but this stream submits copies (no host-run expert's outputs
+        # coming back) or reads the copy engine's queue (no contention to charge).
+        alone = not contends and not host_jobs
         for ev, x, in_staging, n in waits:
             if ev.processed:
                 if contends:
                     x = self._run_contended_s(env._now + acc_s, x, n, t)
                 acc_s += x
                 if in_staging:   # its buffer is free once its compute is done
-                    self.copies.release_at(env.now + acc_s)
+                    self.copies.release_at(env.now + acc_s, alone)
                 continue
             if acc_s > 0:
                 if ev.end_s is not None and ev.end_s >= env.now + acc_s:
@@ -638,7 +672,7 @@ class Engine:
                 x = self._run_contended_s(env._now + acc_s, x, n, t)
             acc_s += x
             if in_staging:
-                self.copies.release_at(env.now + acc_s)
+                self.copies.release_at(env.now + acc_s, alone)
         if host_jobs:  # the combine needs the host-run experts' outputs back
             if acc_s > 0:
                 yield env.timeout(acc_s)

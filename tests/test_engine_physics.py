@@ -241,15 +241,19 @@ def test_step_time_is_the_sum_of_its_parts_and_runs_are_deterministic():
     assert a.summary["copy_engine_busy_s"] == pytest.approx(copies * (3 * 4096 * 14336 * 2 / 50e9 + 10e-6))
 
 
-def test_a_staging_copy_waits_for_one_of_the_two_staging_buffers():
+@pytest.mark.parametrize("copy_ms,stall_ms", [(1.5, 1.0), (1.0, 0.0)])
+def test_a_staging_copy_waits_for_one_of_the_two_staging_buffers(copy_ms, stall_ms):
     """Two staging buffers, as in the executor: a buffer is held from its copy's submission until its
     expert has computed. Every token needs 8 experts per layer and 4 slots hold experts 0..3, so
     each layer computes its 4 resident experts and stages 4 copies. With every expert taking X = 1 ms
     and every copy C = 1.5 ms (from the router's end, t = 0):
       copies s1 [0, 1.5], s2 [1.5, 3]; both buffers held; residents compute [0, 4];
-      s1 computes [4, 5] -> s3 copies [5, 6.5]; s2 computes [5, 6] -> s4 waits for the engine: [6.5, 8];
+      s1 computes [4, 5] -> s3 copies [5, 6.5] (the engine idle by then); s2 computes [5, 6] -> s4
+      waits for the engine: [6.5, 8];
       s3 computes [6.5, 7.5] (stall 0.5), s4 computes [8, 9] (stall 0.5): 1 ms of stall per layer,
-    where copies with unlimited buffers would have landed at 1.5, 3, 4.5, 6 and none stalled."""
+    where copies with unlimited buffers would have landed at 1.5, 3, 4.5, 6 and none stalled.
+    With C = 1 ms: s1 [0, 1], s2 [1, 2]; s3 [5, 6]; s2's buffer is free at 6, the very moment s3
+    lands, so s4 [6, 7]; s3 computes [6, 7], s4 [7, 8]: no stall."""
     from hw.cost import Roofline
 
     class Fixed(Roofline):
@@ -257,14 +261,14 @@ def test_a_staging_copy_waits_for_one_of_the_two_staging_buffers():
             return 1e-3
 
         def copy_s(self, nbytes, link):
-            return 1.5e-3
+            return copy_ms * 1e-3
 
     rows = np.tile(np.arange(K), (3, L, 1))   # prompt token + 2 decode tokens
     sc = olmoe("policy.prefetch.capacity_per_layer=4")
     res = Engine(sc, [request(0, rows, prompt_len=1)], cost=Fixed(sc.hw.gpu, sc.hw.cpu)).run()
     for _, st in res.steps.iterrows():
         assert st.hits == 4 * L and st.demand_loads == 4 * L and st.prefetches == 0
-        assert st.copy_stall_s == pytest.approx(L * 1e-3, rel=1e-9)
+        assert st.copy_stall_s == pytest.approx(L * stall_ms * 1e-3, rel=1e-9, abs=1e-12)
         assert st.expert_compute_s == pytest.approx(L * 8e-3, rel=1e-9)
 
 
