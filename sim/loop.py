@@ -127,9 +127,10 @@ def layer_routing(rows: np.ndarray, num_experts: int) -> list[tuple[list[int], l
         return [(sorted(ids), [1] * K) for ids in rows[0].tolist()]
     offsets = np.arange(M, dtype=np.int64)[None, :, None] * num_experts
     flat = (rows.astype(np.int64) + offsets).ravel()
-    counts = np.bincount(flat, minlength=M * num_experts).reshape(M, num_experts)
-    lay, exp = np.nonzero(counts)
-    vals = counts[lay, exp].tolist()
+    counts = np.bincount(flat, minlength=M * num_experts)
+    used = np.flatnonzero(counts)   # (layer, expert) cells in order (a 1-D nonzero is the cheap one)
+    lay, exp = np.divmod(used, num_experts)
+    vals = counts[used].tolist()
     bounds = np.searchsorted(lay, np.arange(M + 1)).tolist()
     exp_l = exp.tolist()
     return [(exp_l[bounds[m]:bounds[m + 1]], vals[bounds[m]:bounds[m + 1]]) for m in range(M)]

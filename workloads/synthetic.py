@@ -389,11 +389,12 @@ def _smallest_k(keys: np.ndarray, top_k: int) -> np.ndarray:
     # The k-th smallest key of each row (a partition of values is ~3x cheaper than of indices); the
     # keys at or below it are the row's top k unless it ties with another key of its row.
     kth = np.partition(rows, top_k - 1, axis=-1)[:, top_k - 1:top_k]
-    chosen = rows <= kth
-    cols = np.nonzero(chosen)[1]
-    if cols.size != rows.shape[0] * top_k:   # a tie at the k-th key: let argpartition break it
+    # Flat positions of the chosen keys, row by row (a 1-D nonzero: ~13x cheaper than the 2-D one).
+    flat = np.flatnonzero(rows <= kth)
+    if flat.size != rows.shape[0] * top_k:   # a tie at the k-th key: let argpartition break it
         cols = np.argpartition(rows, top_k - 1, axis=-1)[:, :top_k]
-    cols = cols.reshape(rows.shape[0], top_k)
+    else:
+        cols = flat.reshape(rows.shape[0], top_k) - (np.arange(rows.shape[0]) * rows.shape[1])[:, None]
     order = np.argsort(np.take_along_axis(rows, cols, axis=-1), axis=-1)
     return np.take_along_axis(cols, order, axis=-1).astype(np.int16).reshape(keys.shape[:-1] + (top_k,))
 
