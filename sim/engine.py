@@ -524,20 +524,21 @@ class Engine:
         pending += pc.draft_s   # the drafter runs before the target's pass
         moe_index, queue = model.moe_layer_index, env._queue
         attention_s, dense_s, router_s = pc.attention_s, pc.dense_s, pc.router_s
+        attention_total_s = t.attention_s   # summed here (nothing else adds to it), in layer order
         landing_cost = self._copy_overhead_s > 0
         moe_other_s = pc.router_s + pc.shared_s + pc.combine_s
         for layer in range(model.num_layers):
             m = moe_index.get(layer)
             if m is None:
                 pending += attention_s + dense_s
-                t.attention_s += attention_s
+                attention_total_s += attention_s
                 t.other_compute_s += dense_s
                 continue
             ids, counts = routing[m]
             pending += attention_s + router_s
             if landing_cost and self.copies.landed != self._copies_paid:
                 pending += self._landed_copies_s(t)
-            t.attention_s += attention_s
+            attention_total_s += attention_s
             t.other_compute_s += moe_other_s
             if (queue[0][0] if queue else _INFINITY) > env._now + pending:   # nothing else happens first
                 # What yielding env.timeout(pending) does when no event is due before it fires: the
@@ -551,6 +552,7 @@ class Engine:
             else:
                 pending = self._resident_experts(acc, pc, t)
             loop.end_layer()
+        t.attention_s = attention_total_s
         lm = self.cost.lm_head_s(model, pc.lm_positions)
         t.other_compute_s += lm
         yield env.timeout(pending + lm + pc.reject_s + self._landed_copies_s(t))

@@ -68,7 +68,7 @@ class OffloadPort(Protocol):
     def count_activation_bytes(self, nbytes: float) -> None: ...
 
 
-@dataclass
+@dataclass(slots=True)
 class PassTimes:
     """A pass's time split, seconds (``sim.metrics``): what the backend measured or computed. A
     backend that measures copy stalls in its offload runtime (the real executor) leaves
