@@ -569,6 +569,7 @@ def run_sweep(fixed: Sequence[str], axes: Sequence[str], repeats: int, profile_d
         t = r["comparison"].set_index("metric")
         rows.append({**{k: o.split("=", 1)[1] for k, o in zip(axes_keys, cell)},
                      "sim_tpot_s": t.loc["tpot_s", "sim"], "real_tpot_s": t.loc["tpot_s", "real_median"],
+                     "real_tpot_spread_pct": _spread_pct(t.loc["tpot_s"]),
                      "tpot_err_pct": t.loc["tpot_s", "error_pct"],
                      "abs_tpot_err_pct": abs(t.loc["tpot_s", "error_pct"]),
                      "ttft_err_pct": t.loc["ttft_s", "error_pct"],
@@ -584,6 +585,13 @@ def run_sweep(fixed: Sequence[str], axes: Sequence[str], repeats: int, profile_d
     return acc
 
 
+def _spread_pct(row) -> float:
+    """How far a metric's real repeats spread: (max - min) / median, in percent (the noise an error
+    of the simulator should be read against)."""
+    med = row["real_median"]
+    return float((row["real_max"] - row["real_min"]) / med * 100) if med else float("nan")
+
+
 def format_accuracy(acc: pd.DataFrame) -> str:
     cols = [c for c in acc.columns if c not in ("dir", "group")]
     show = acc[cols].copy()
@@ -593,7 +601,8 @@ def format_accuracy(acc: pd.DataFrame) -> str:
     for c in [c for c in show.columns if c.endswith("_pct")]:
         show[c] = show[c].map(lambda v: "-" if pd.isna(v) else f"{v:+.1f}")
     lines = [show.to_string(index=False), "",
-             f"median |TPOT error|: {acc['abs_tpot_err_pct'].median():.1f} % over {len(acc)} cells"]
+             f"median |TPOT error|: {acc['abs_tpot_err_pct'].median():.1f} % over {len(acc)} cells; "
+             f"median spread of a cell's real repeats: {acc['real_tpot_spread_pct'].median():.1f} %"]
     if "ranking_agrees" in acc:
         g = acc.groupby("group")["ranking_agrees"].first()
         lines.append(f"policy ranking agrees in {int(g.sum())}/{len(g)} groups")

@@ -247,9 +247,12 @@ def test_validate_sweep_runs_the_real_repeats_round_robin(tiny_profile, tmp_path
     order = [ln for ln in lines if ln.startswith(("simulated", "round"))]
     assert [ln.startswith("simulated in") for ln in order[:2]] == [True, True]   # both cells, first
     assert order[2:] == ["round 1/2, cell 1/2", "round 1/2, cell 2/2", "round 2/2, cell 1/2", "round 2/2, cell 2/2"]
-    for d in acc["dir"]:
-        assert len(pd.read_csv(Path(d) / "real_repeats.csv")) == 2
+    for d, spread in zip(acc["dir"], acc["real_tpot_spread_pct"]):
+        tpot = pd.read_csv(Path(d) / "real_repeats.csv")["tpot_s"]
+        assert len(tpot) == 2
         assert json.loads((Path(d) / "validation.json").read_text())["repeats"] == 2
+        # how far the real repeats spread, against their median (of two: their mean)
+        assert spread == pytest.approx((tpot.max() - tpot.min()) / tpot.mean() * 100, rel=1e-9)
 
 
 def test_validate_free_running_writes_the_chosen_routing_as_a_trace(tiny_profile, tmp_path):
