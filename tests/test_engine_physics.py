@@ -345,3 +345,29 @@ def test_a_copys_overhead_is_paid_after_it_lands_where_a_later_wait_can_hide_it(
     assert a.copy_stall_s == pytest.approx(13e-3, rel=1e-9) and b.copy_stall_s == pytest.approx(11e-3, rel=1e-9)
     assert b.duration_s - a.duration_s == pytest.approx(2e-3, rel=1e-6)
     assert b.other_compute_s - a.other_compute_s == pytest.approx(4e-3, rel=1e-6)
+
+
+@pytest.mark.parametrize("overrides", [
+    ["model=mixtral_8x7b", "policy.prefetch.capacity_per_layer=3", "workload.batch_size=16"],
+    ["model=mixtral_8x7b", "policy.prefetch.capacity_per_layer=3", "workload.batch_size=16",
+     "policy/prefetch=lookahead"],
+    ["model=mixtral_8x7b", "policy.prefetch.capacity_per_layer=3", "workload.batch_size=16",
+     "policy/prefetch=fiddler"],
+    ["model=qwen3_30b_a3b", "policy.prefetch.capacity_per_layer=16", "workload.batch_size=16",
+     "workload.arrival=poisson", "workload.arrival_rate_per_s=50"],
+])
+def test_staged_copies_fixed_ahead_keep_the_event_schedule(overrides, monkeypatch):
+    """A staged copy fixed as soon as its buffer's release time is known (``fix_as_of``) starts and
+    ends where the release event would have put it: the records are the same to the last bit as
+    when every such copy waits for its release event, with prefetches queued (lookahead), host runs
+    (fiddler) and requests arriving while others decode."""
+    from sim.engine import PriorityServer
+
+    sc = compose_scenario(overrides + ["workload.num_requests=24", "workload.output_len=6", "sim.progress=false"])
+    fixed_ahead = simulate(sc)
+    monkeypatch.setattr(PriorityServer, "fix_as_of", lambda self, job, submit_s: False)
+    by_events = simulate(sc)
+    assert by_events.summary["events"] > fixed_ahead.summary["events"]   # the shortcut was taken
+    assert fixed_ahead.steps.equals(by_events.steps)
+    assert fixed_ahead.requests.equals(by_events.requests)
+    assert fixed_ahead.steps.demand_loads.sum() > 0
