@@ -46,14 +46,15 @@ The loop (``sim.loop.ServingLoop``) decides each pass and counts; the offload pr
 Events are spent only where something can happen: one per copy or host job (its end, fixed as
 soon as nothing can overtake it, ``PriorityServer``; a staging copy waiting for a buffer is fixed
 when the stream knows when that buffer comes free, unless something else may reach the copy
-engine first: ``SimCopies.release_at``), a timeout up to a MoE layer's router only
-when some other event is due before it (otherwise the clock just moves on by the same sum SimPy
-would form, ``Engine._forward``), and a
-timeout before a copy wait only when the copy lands before the ready compute is done; everything
-else is summed analytically. Mixtral-8x7B at batch 1 with LRU spends ~14 events per decode step
-(82 before these rules), with the same schedule: clock values are the sums the one-event-per-wait
-engine formed, except that ready compute ahead of an already landed copy is now summed before
-its timeout (last-bit differences in a few stall sums).
+engine first: ``SimCopies.release_at``); a timeout up to a MoE layer's router, and to a pass's
+end, only when some other event is due before it (otherwise the clock just moves on by the same
+sum SimPy would form, ``Engine._forward``); a timeout before a copy wait only when the copy lands
+before the ready compute is done; and no resume of the stream for a copy whose landing is the
+next event due (``_process_next`` processes it in place). Everything else is summed analytically.
+Mixtral-8x7B at batch 1 with LRU spends ~12.5 events per decode step (82 before these rules),
+with the same schedule: clock values are the sums the one-event-per-wait engine formed, except
+that ready compute ahead of an already landed copy is now summed before its timeout (last-bit
+differences in a few stall sums).
 """
 
 from __future__ import annotations
@@ -234,6 +235,18 @@ def _schedule_at(env: simpy.Environment, event: simpy.Event, time_s: float) -> N
     and now + (time - now) need not round back to time). This and ``Engine._forward``'s clock advance
     use SimPy 4's ``Environment`` internals (``_now``, ``_queue``, ``_eid``); pyproject caps simpy below 5."""
     heapq.heappush(env._queue, (time_s, simpy.core.NORMAL, next(env._eid), event))
+
+
+def _process_next(env: simpy.Environment) -> None:
+    """Process the event at the top of SimPy's queue from inside the running process, as
+    ``Environment.step`` would: the clock moves to it and its callbacks run. For a copy job the
+    stream would otherwise yield on: when it is the next event due and nobody else waits on it,
+    yielding would process exactly this and resume the stream first thing (its callback comes
+    after the copy engine's), so the schedule is the same and no resume is spent."""
+    env._now, _, _, event = heapq.heappop(env._queue)
+    callbacks, event.callbacks = event.callbacks, None
+    for callback in callbacks:
+        callback(event)
 
 
 def _span(name: str, cat: str, start_s: float, dur_s: float, track: str) -> dict:
@@ -555,7 +568,11 @@ class Engine:
         t.attention_s = attention_total_s
         lm = self.cost.lm_head_s(model, pc.lm_positions)
         t.other_compute_s += lm
-        yield env.timeout(pending + lm + pc.reject_s + self._landed_copies_s(t))
+        rest_s = pending + lm + pc.reject_s + self._landed_copies_s(t)
+        if (queue[0][0] if queue else _INFINITY) > env._now + rest_s:   # as at a router: no event spent
+            env._now = env._now + rest_s
+        else:
+            yield env.timeout(rest_s)
         return t
 
     def _landed_copies_s(self, t: PassTimes) -> float:
@@ -665,7 +682,11 @@ class Engine:
             else:
                 t0 = env.now
             if not ev.processed:
-                yield ev
+                queue = env._queue
+                if queue and queue[0][3] is ev and len(ev.callbacks) == 1:
+                    _process_next(env)   # its landing is the next event and only the copy engine hears it
+                else:
+                    yield ev
                 if self._copy_resume_s > 0:   # the stream notices the copy landed this much later
                     yield env.timeout(self._copy_resume_s)
                 t.copy_stall_s += env.now - t0
