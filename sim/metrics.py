@@ -83,8 +83,12 @@ def summarize(steps, requests) -> dict[str, Any]:
     tail of a run, where only a few stragglers are left, has smaller batches; MoESD's target
     efficiency is defined at one batch size, so it is computed from these (``speculation_gains``).
     """
-    col = lambda name: np.asarray(steps[name])  # noqa: E731
-    req = lambda name: np.asarray(requests[name])  # noqa: E731
+    def col(name: str) -> np.ndarray:   # a step column
+        return np.asarray(steps[name])
+
+    def req(name: str) -> np.ndarray:   # a request column
+        return np.asarray(requests[name])
+
     prefetches, useful, demand = (_total(col(n)) for n in ("prefetches", "useful_prefetches", "demand_loads"))
     phase = np.asarray(steps["phase"], dtype=object)
     decode, prefill = phase == "decode", phase == "prefill"
