@@ -201,6 +201,9 @@ class _TensorParallelOverheads:
     def draft_pass_overhead_s(self, draft: ModelSpec) -> float:
         return self.inner.draft_pass_overhead_s(self.tp.full(draft))
 
+    def policy_overhead_s(self, model: ModelSpec, policy: str) -> float:
+        return self.inner.policy_overhead_s(self.tp.shard(model), policy)   # rank 0 decides
+
 
 def cost_for_system(hw, model: ModelSpec) -> CostModel:
     """The cost model ``hw`` (a ``SystemSpec``) asks for, for ``model`` (the full model).

@@ -60,6 +60,13 @@ count (floored at 1, interpolated, held beyond the measured counts); the SimPy b
 an expert by it for the part that runs while the copy engine is busy. Without the rows (profiles
 from before 2026-12-04), 1.
 
+``policy_overhead`` (``phase`` = a prefetch policy's name, measured by ``moesim-validate
+--recalibrate`` for the policies it validates): how much longer that policy's decision hooks take
+inside the real executor than LRU's, per MoE layer, on the offloaded calibration runs (batch 1, half
+the experts resident). LRU's own decisions are inside ``layer_overhead`` and ``copy_overhead``,
+which are calibrated with it. ``policy_overhead_s`` (floored at 0), charged by the SimPy backend as
+other compute in every MoE layer; without the row, 0.
+
 Speculative decoding: ``rejection_sampling`` rows (vs verified positions, ``tokens``) give
 ``rejection_sampling_s``; a dense model (``num_experts: 0``, a drafter such as ``mini_draft``) has
 no expert, router or combine rows and costs 0 for those ops. ``draft_pass_overhead`` (one row per
@@ -82,7 +89,7 @@ from __future__ import annotations
 import bisect
 import json
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional, Sequence
 
@@ -213,6 +220,7 @@ class _ModelTables:
     draft_pass_overhead_s: float = 0.0
     attention_floor_s: float = 0.0      # the cheapest measured attention (module docstring)
     copy_contention: Optional[Curve] = None   # expert time while copying / alone, vs tokens
+    policy_overhead_s: dict[str, float] = field(default_factory=dict)   # policy name -> s per MoE layer
 
 
 COPYING_PHASE = "copying"   # real_backend/profile.py: expert passes while the copy engine copies
@@ -323,9 +331,11 @@ class Table:
         draft_pass = float(r["median_s"].median()) if len(r) else 0.0   # signed: a residual
         if not math.isfinite(draft_pass):
             draft_pass = 0.0
+        r = rows[rows["op"] == "policy_overhead"]
+        policy_overhead = {str(name): max(0.0, float(g["median_s"].median())) for name, g in r.groupby("phase")}
         t = self._models[model.name] = _ModelTables(curves, grids["decode"], grids["prefill"], copy_overhead,
                                                     host_run_overhead, draft_pass, attention_floor,
-                                                    _contention_curve(rows, curves.get("expert")))
+                                                    _contention_curve(rows, curves.get("expert")), policy_overhead)
         return t
 
     # ------------------------------------------------------------------ CostModel
@@ -435,6 +445,10 @@ class TableOverheads:
         if t.host_link is None or link != t.host_link:
             return 0.0
         return t._resume
+
+    def policy_overhead_s(self, model: ModelSpec, policy: str) -> float:
+        """The ``policy_overhead`` row of ``policy`` (module docstring), 0 without it (LRU's own)."""
+        return self.table._tables(model).policy_overhead_s.get(policy, 0.0)
 
     def copy_contention(self, model: ModelSpec, tokens: int, link: LinkSpec) -> float:
         """How much slower an expert of ``tokens`` runs while the copy engine of ``link`` copies: the

@@ -92,6 +92,15 @@ synthetic requests with uniform routing, LRU; not any scenario that gets validat
   of the run that shares its vocabulary (none: no row): per round, (measured ``draft_s`` - the
   ``Drafter``'s time for the same passes from the tables so far) / passes; the median over rounds
   (``Table.overheads.draft_pass_overhead_s``; signed, a residual).
+* ``policy_overhead`` (``phase`` = a prefetch policy; only from ``recalibrate(policies=...)``,
+  i.e. ``moesim-validate --recalibrate`` for the policies it validates): the policy's decision
+  hooks timed where they run, inside the executor (``_TimedPolicy``), per MoE layer, minus LRU's
+  on the same offloaded scenario as ``copy_overhead``; ``POLICY_OVERHEAD_PAIRS`` pairs, LRU and
+  the policy alternating, the median of the differences. LRU's own decisions are inside the rows
+  above, which are calibrated with it. Measured 2026-12-04: moe_infinity 156-167 us per MoE layer
+  beyond LRU's 15-19 us, lfu 8-22 us, lookahead 11-13 us. Timed in the simulator's own process
+  (mini_qwen, batch 3), moe_infinity's extra was ~47 us per layer: the executor's thread, with its
+  copy worker beside it, takes about three times as long over the same Python.
 
 **Copies** (device-level, ``model`` empty): ``op=copy`` vs bytes, ``phase=idle`` and
 ``phase=contended`` (while a second thread runs expert FFNs of the first model on 8 tokens back
@@ -153,6 +162,7 @@ from .cli_util import OneLineParser as _Parser, run_cli
 
 PROG = "moesim-profile"
 OVERHEAD_PROMPT = 16           # prompt tokens per request in the executor-overhead runs
+POLICY_OVERHEAD_PAIRS = 5      # LRU / policy run pairs per policy_overhead row (fewer in a quick sweep)
 CALIBRATION_LINK_BPS = 2e9     # CPU link cap of the copy_overhead runs (moesim-validate's default)
 DEFAULT_MODELS = ("mini_mixtral", "mini_qwen", "mini_draft")   # mini_draft: the speculation draft
 MB = 1 << 20
@@ -244,6 +254,30 @@ class Clock:
         t0 = time.perf_counter()
         fn()
         return time.perf_counter() - t0
+
+
+class _TimedPolicy:
+    """A prefetch policy whose decision hooks are timed where they run (``spent_s``: wall seconds
+    summed, perf_counter); everything else passes through to the policy itself."""
+
+    HOOKS = ("on_step_begin", "on_routed", "on_miss", "victim", "on_copy_done", "on_step_end")
+
+    def __init__(self, policy):
+        self._policy = policy
+        self.spent_s = 0.0
+
+    def __getattr__(self, name: str):
+        attr = getattr(self._policy, name)
+        if name not in self.HOOKS:
+            return attr
+
+        def timed(*args, **kwargs):
+            t0 = time.perf_counter()
+            try:
+                return attr(*args, **kwargs)
+            finally:
+                self.spent_s += time.perf_counter() - t0
+        return timed
 
 
 def _summary(samples: Sequence[float]) -> dict:
@@ -601,12 +635,15 @@ class _Profiler:
                     break
             self.add(spec.name, "rejection_sampling", _summary(samples), tokens=n)
 
-    def executor_overheads(self, spec: ModelSpec) -> None:
+    def executor_overheads(self, spec: ModelSpec, policies: Sequence[str] = ()) -> None:
         """``layer_overhead`` and ``copy_overhead`` rows from runs of the real executor (module
-        docstring); a dense model gets ``layer_overhead`` only (no experts: no copies, no host runs)."""
+        docstring); a dense model gets ``layer_overhead`` only (no experts: no copies, no host runs).
+        ``policies``: prefetch policies (besides LRU) whose ``policy_overhead`` rows to measure too."""
         from dataclasses import replace as _replace
 
         from sim.config import compose_scenario
+
+        from sim.policies.base import prefetch_policy_class
 
         from .executor import RealExecutor, build_model_and_store
 
@@ -617,10 +654,12 @@ class _Profiler:
         def scenario(batch: int, requests: int, output_len: int, capacity: int, policy: str = "lru"):
             # The executor never asks the cost model, and the tables are what is being written:
             # the roofline stands in so that no profile_dir needs to exist yet (fresh clones).
+            # Gate-lookahead predictions only for a policy that reads them.
+            predictions = [] if prefetch_policy_class(policy).uses_predictions else ["workload.lookahead_accuracy=null"]
             sc = compose_scenario(["hw=this_cpu", "hw.cost_model=roofline", f"workload.batch_size={batch}",
                                    f"workload.num_requests={requests}", f"workload.prompt_len={OVERHEAD_PROMPT}",
                                    f"workload.output_len={output_len}", "workload.routing=uniform",
-                                   "workload.lookahead_accuracy=null", f"policy/prefetch={policy}",
+                                   *predictions, f"policy/prefetch={policy}",
                                    f"hw.host_link.bandwidth_bps={cap_bps}", "sim.progress=false",
                                    f"seed={self.seed}"])
             if spec.is_dense:   # no experts: no cache to size
@@ -631,8 +670,8 @@ class _Profiler:
 
         launch: dict[str, list[float]] = {"idle": [], "busy": [], "resume": []}
 
-        def run(sc) -> pd.DataFrame:
-            ex = RealExecutor(sc, model=model, store=store, threads=self.threads)
+        def run(sc, policy=None) -> pd.DataFrame:
+            ex = RealExecutor(sc, model=model, store=store, threads=self.threads, policy=policy)
             steps = ex.run().steps
             launch["resume"].extend(ex.rt.resume_delays_s)
             prev_end = -math.inf
@@ -701,6 +740,27 @@ class _Profiler:
             self._launch_samples.setdefault(k, []).extend(vals)
         self.log(f"{spec.name}: executor overheads in {time.perf_counter() - t0:.1f} s"
                  + (f" (copy_overhead {np.median(per_copy) * 1e3:.3f} ms per copy)" if per_copy else ""))
+        for policy in sorted(set(policies) - {"lru"}):
+            self.policy_overhead(spec, policy, lambda p: scenario(1, 4, 17, max(1, E // 2), p), run)
+
+    def policy_overhead(self, spec: ModelSpec, policy: str, scenario, run) -> None:
+        """``policy_overhead`` row of ``policy`` (``hw.table``): its decision hooks' time inside the
+        real executor minus LRU's, per MoE layer, on the offloaded calibration runs (``scenario(p)``,
+        run by ``run(sc, timed_policy)``), LRU and ``policy`` alternating."""
+        from sim.policies.base import prefetch_policy_class
+
+        t0 = time.perf_counter()
+        per_layer: dict[str, list[float]] = {"lru": [], policy: []}
+        for _ in range(min(POLICY_OVERHEAD_PAIRS, self.sweep.overhead_pairs)):
+            for name in per_layer:
+                sc = scenario(name)
+                timed = _TimedPolicy(prefetch_policy_class(name)(sc.prefetch))
+                steps = run(sc, timed)
+                per_layer[name].append(timed.spent_s / (len(steps) * spec.num_moe_layers))
+        extra = [p - b for p, b in zip(per_layer[policy], per_layer["lru"])]
+        self.add(spec.name, "policy_overhead", _summary(extra), phase=policy, tokens=1, batch=1)
+        self.log(f"{spec.name}: policy_overhead of {policy} {np.median(extra) * 1e6:.1f} us per MoE layer "
+                 f"beyond lru's {np.median(per_layer['lru']) * 1e6:.1f} us, in {time.perf_counter() - t0:.1f} s")
 
     def draft_overheads(self, draft: ModelSpec, target: ModelSpec) -> None:
         """``draft_pass_overhead`` row of the dense model ``draft`` (module docstring): static
@@ -949,7 +1009,7 @@ EXECUTOR_OVERHEAD_OPS = ("layer_overhead", "copy_overhead", "host_run_overhead",
 
 def recalibrate(profile_dir: str | Path, models: Sequence[str | ModelSpec], out_dir: str | Path,
                 device: Optional[str] = None, seed: int = 0, log: Callable[[str], None] = lambda s: None,
-                sweep: Optional[Sweep] = None) -> Path:
+                sweep: Optional[Sweep] = None, policies: Sequence[str] = ()) -> Path:
     """A copy of the profile in ``profile_dir`` written to ``out_dir`` (a new directory; the input
     is never written) with the executor-overhead rows (``EXECUTOR_OVERHEAD_OPS``) of ``models``
     measured again now, against the profile's own op tables: the same calibration runs as
@@ -958,7 +1018,8 @@ def recalibrate(profile_dir: str | Path, models: Sequence[str | ModelSpec], out_
     Those rows are the executor's time minus what the op tables say, so they carry the machine's
     speed at the moment they are measured; ``moesim-validate --recalibrate`` takes them right
     before it validates. Every other row (op tables, copies, launch and resume delays) is kept as
-    profiled."""
+    profiled. ``policies``: prefetch policies (besides LRU) whose ``policy_overhead`` rows are
+    measured too, for each MoE model (``hw.table``)."""
     src, out = Path(profile_dir), Path(out_dir)
     if out.resolve() == src.resolve():
         raise ConfigError(f"the recalibrated profile must go to a new directory, not into {src} (its input)")
@@ -990,8 +1051,9 @@ def recalibrate(profile_dir: str | Path, models: Sequence[str | ModelSpec], out_
                                                                      "host_run_overhead"])
             if drafts_for is not None:
                 remeasured.append("draft_pass_overhead")
-            prof.rows = rows[mine & ~rows["op"].isin(remeasured)].to_dict("records")   # kept as profiled
-            prof.executor_overheads(spec)
+            stale = rows["op"].isin(remeasured) | ((rows["op"] == "policy_overhead") & rows["phase"].isin(policies))
+            prof.rows = rows[mine & ~stale].to_dict("records")   # kept as profiled
+            prof.executor_overheads(spec, () if spec.is_dense else policies)
             if drafts_for is not None:
                 prof.draft_overheads(spec, drafts_for)
             rows = pd.concat([rows[~mine], pd.DataFrame(prof.rows, columns=PROFILE_COLUMNS)], ignore_index=True)

@@ -188,17 +188,18 @@ def resolve_profile_dir(scenarios, profile_dir: Optional[str | Path], device: st
 def recalibrated_profile_dir(pdir: Path, scenarios, out: Path, device: Optional[str],
                              log: Callable[[str], None]) -> Path:
     """``--recalibrate``: the profile in ``pdir`` with the executor-overhead rows of the scenarios'
-    models (and draft models) measured again now (``real_backend.profile.recalibrate``), written to
-    ``OUT/profile``."""
+    models (and draft models) measured again now (``real_backend.profile.recalibrate``), and the
+    ``policy_overhead`` rows of their prefetch policies besides LRU, written to ``OUT/profile``."""
     from .profile import recalibrate
 
     models = {sc.model.name: sc.model for sc in scenarios}   # the specs as configured (overrides included)
     models.update({sc.draft_model.name: sc.draft_model for sc in scenarios
                    if getattr(sc, "draft_model", None) is not None})
+    policies = sorted({sc.prefetch.name for sc in scenarios} - {"lru"})   # their decisions' time beyond LRU's
     log(f"recalibrating the executor overheads of {', '.join(sorted(models))} (from {pdir}) into "
-        f"{out / RECALIBRATED_PROFILE}")
+        f"{out / RECALIBRATED_PROFILE}" + (f", with the decision time of {', '.join(policies)}" if policies else ""))
     return recalibrate(pdir, [models[m] for m in sorted(models)], out / RECALIBRATED_PROFILE, device,
-                       log=lambda s: log(f"moesim-profile: {s}")).resolve()
+                       log=lambda s: log(f"moesim-profile: {s}"), policies=policies).resolve()
 
 
 # ------------------------------------------------------------------------------------ one validation

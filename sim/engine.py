@@ -27,6 +27,10 @@ The loop (``sim.loop.ServingLoop``) decides each pass and counts; the offload pr
   host-run expert is compute on the stream itself, after the layer's other experts, booked as
   ``host_stall_s`` (and ``host_expert_s``, the host CPU's time on them), so the step's parts still
   add up to its duration.
+* **Policy decisions**: after each MoE layer's router the stream spends
+  ``overheads.policy_overhead_s`` on the prefetch policy's decisions beyond what LRU's cost (0 for
+  the roofline and for LRU; measured for the policies ``moesim-validate --recalibrate`` validates),
+  booked as ``other_compute_s``; the layer's copies are ordered after it.
 * **Copy overhead**: each expert copy costs the compute stream ``overheads.copy_overhead_s``
   (``hw.overheads``: what a copy costs the executor's compute thread besides waiting for it, measured
   by ``moesim-profile``; 0 for the roofline), booked as ``other_compute_s`` and paid once the copy
@@ -438,6 +442,7 @@ class Engine:
         loop = ServingLoop(sc, self.requests, ctl, self.policy, self.spec_policy, record_routing=self._record,
                            future=self.future, progress=self._progress)
         self._copy_overhead_s = self.overheads.copy_overhead_s(self.model)
+        self._policy_s = self.overheads.policy_overhead_s(self.model, self.policy.name)   # per MoE layer
         self._copies_paid = 0   # landed copies whose copy_overhead_s the stream has paid
         self._copy_resume_s = self.overheads.copy_resume_s(h2d)
         self._host_is_device = bool(getattr(sc.hw, "host_is_device", False))
@@ -536,10 +541,11 @@ class Engine:
         t.other_compute_s += pending
         pending += pc.draft_s   # the drafter runs before the target's pass
         moe_index, queue = model.moe_layer_index, env._queue
-        attention_s, dense_s, router_s = pc.attention_s, pc.dense_s, pc.router_s
+        attention_s, dense_s = pc.attention_s, pc.dense_s
+        router_s = pc.router_s + self._policy_s   # the router, then the policy's decisions (table-driven runs)
         attention_total_s = t.attention_s   # summed here (nothing else adds to it), in layer order
         landing_cost = self._copy_overhead_s > 0
-        moe_other_s = pc.router_s + pc.shared_s + pc.combine_s
+        moe_other_s = pc.router_s + pc.shared_s + pc.combine_s + self._policy_s
         for layer in range(model.num_layers):
             m = moe_index.get(layer)
             if m is None:

@@ -371,3 +371,26 @@ def test_staged_copies_fixed_ahead_keep_the_event_schedule(overrides, monkeypatc
     assert fixed_ahead.steps.equals(by_events.steps)
     assert fixed_ahead.requests.equals(by_events.requests)
     assert fixed_ahead.steps.demand_loads.sum() > 0
+
+
+def test_a_policys_decision_time_is_charged_in_every_moe_layer():
+    """``overheads.policy_overhead_s`` (what a policy's decisions cost the executor beyond LRU's,
+    per MoE layer, measured by ``moesim-validate --recalibrate``): with every expert resident
+    (nothing copied), each pass of lfu is exactly L x 0.5 ms longer, booked as other compute; an
+    LRU run, which the overheads object charges nothing, is unchanged."""
+    from hw.overheads import NoOverheads
+
+    class Decisions(NoOverheads):
+        def policy_overhead_s(self, model, policy):
+            return 0.5e-3 if policy == "lfu" else 0.0
+
+    rows = np.tile(np.arange(K), (3, L, 1))
+    runs = {}
+    for policy in ("lfu", "lru"):
+        sc = olmoe("policy.prefetch.capacity_per_layer=64", f"policy/prefetch={policy}")
+        runs[policy] = [_one_ms_experts_ten_ms_copies(sc, rows, o) for o in (NoOverheads(), Decisions())]
+    plain, charged = runs["lfu"]
+    assert (plain.demand_loads == 0).all() and len(plain) == 3
+    np.testing.assert_allclose(charged.duration_s - plain.duration_s, L * 0.5e-3, rtol=1e-9)
+    np.testing.assert_allclose(charged.other_compute_s - plain.other_compute_s, L * 0.5e-3, rtol=1e-9)
+    assert runs["lru"][0].equals(runs["lru"][1])

@@ -231,6 +231,10 @@ def test_validate_sweep_writes_accuracy(tiny_profile, tmp_path):
     assert len(acc) == 4
     # --recalibrate: one recalibrated copy of the profile for the whole sweep, which every cell used
     assert "recalibrated" in json.loads((out / "profile" / "profile.json").read_text())
+    # ... with the decision time of lfu beyond LRU's (LRU's own is in the overhead rows)
+    rows = pd.read_parquet(out / "profile" / "profile.parquet")
+    decisions = rows[rows["op"] == "policy_overhead"]
+    assert decisions["phase"].tolist() == ["lfu"] and decisions["median_s"].map(np.isfinite).all()
     for d in acc["dir"]:
         assert json.loads((Path(d) / "validation.json").read_text())["profile_dir"] == str((out / "profile").resolve())
     assert {"policy/prefetch", "workload.batch_size", "sim_tpot_s", "real_tpot_s", "tpot_err_pct", "sim_rank",

@@ -271,6 +271,21 @@ def test_copy_contention_is_the_copying_rows_over_the_expert_curve(specs):
     assert plain.copy_contention(spec, 1, link) == 1.0
 
 
+def test_policy_overhead_rows_are_read_per_policy(specs):
+    """``policy_overhead`` rows (phase = the policy): the median of a policy's rows, floored at 0
+    (a policy measured cheaper than LRU costs nothing extra); 0 for a policy without rows."""
+    spec = specs["mini_mixtral"]
+    rows = [_row(spec.name, op, 1e-4, tokens=1, batch=1) for op in ("expert", "router", "combine", "embed", "lm_head")]
+    rows.append(_row(spec.name, "attention", 1e-4, phase="decode", tokens=1, batch=1, context=128))
+    rows += [_row(spec.name, "policy_overhead", v, phase="lfu", tokens=1, batch=1) for v in (1e-5, 3e-5, 2e-5)]
+    rows.append(_row(spec.name, "policy_overhead", -4e-6, phase="transition", tokens=1, batch=1))
+    header = {"device": "cpu", "models": {spec.name: model_signature(spec)}}
+    ov = Table("(hand-made)", loaded=(header, pd.DataFrame(rows, columns=PROFILE_COLUMNS))).overheads
+    assert ov.policy_overhead_s(spec, "lfu") == pytest.approx(2e-5)
+    assert ov.policy_overhead_s(spec, "transition") == 0.0
+    assert ov.policy_overhead_s(spec, "lru") == ov.policy_overhead_s(spec, "oracle") == 0.0
+
+
 def test_table_refuses_models_it_was_not_profiled_for(quick_profile, specs):
     table = Table(quick_profile)
     mixtral = compose_scenario(["model=mixtral_8x7b"]).model
