@@ -642,7 +642,6 @@ class _Profiler:
         from dataclasses import replace as _replace
 
         from sim.config import compose_scenario
-
         from sim.policies.base import prefetch_policy_class
 
         from .executor import RealExecutor, build_model_and_store
