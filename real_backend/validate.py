@@ -67,8 +67,10 @@ kernels) are reported. Policies that need the routing before a pass (``oracle``,
 models (``layer_overhead``, ``copy_overhead``, ``host_run_overhead``, and a draft model's
 ``draft_pass_overhead``: the executor's time minus what the op tables say, from synthetic
 calibration runs, never a validated scenario) are measured again
-(``real_backend.profile.recalibrate``, ~1.5 min per MoE model here) into ``OUT/profile``, a copy
-of the profile with those rows replaced; the simulator uses that copy. Those rows carry
+(``real_backend.profile.recalibrate``, ~1.5 min per MoE model here), with the ``policy_overhead``
+rows of every validated prefetch policy but LRU (its decision hooks' time in the executor beyond
+LRU's, 13-28 s per policy and model), into ``OUT/profile``, a copy of the profile with those rows
+replaced; the simulator uses that copy. Those rows carry
 the machine's speed at the moment they are measured, and on a shared machine that speed drifts
 between a profile and a validation run minutes later (README, "Validation on this CPU").
 
@@ -654,7 +656,8 @@ def build_parser() -> argparse.ArgumentParser:
                    "checkpoint directory (Hugging Face Mixtral names) instead of random ones")
     p.add_argument("--recalibrate", action="store_true", help="measure the profile's executor overheads "
                    "(layer_overhead, copy_overhead, host_run_overhead, a drafter's draft_pass_overhead) of the "
-                   f"validated models again right before validating, into OUT/{RECALIBRATED_PROFILE} (the given "
+                   "validated models again right before validating, and the policy_overhead (decision time beyond "
+                   f"LRU's) of every validated prefetch policy but lru, into OUT/{RECALIBRATED_PROFILE} (the given "
                    "profile is not changed)")
     p.add_argument("--force", action="store_true", help=FORCE_HELP_DIR)
     return p
